@@ -1,0 +1,9 @@
+"""keras_meta: gradient-based meta-learning for Keras 3 (TensorFlow backend)."""
+
+from keras_meta import backend as _backend  # noqa: F401  (selects TensorFlow)
+from keras_meta import data, inner_loop, models
+from keras_meta.algorithms import MAML, MetaLearner
+
+__version__ = "0.1.0"
+
+__all__ = ["MAML", "MetaLearner", "data", "inner_loop", "models", "__version__"]

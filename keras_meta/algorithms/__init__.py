@@ -1,0 +1,4 @@
+from keras_meta.algorithms.base import MetaLearner
+from keras_meta.algorithms.maml import MAML
+
+__all__ = ["MetaLearner", "MAML"]

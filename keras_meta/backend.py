@@ -1,0 +1,23 @@
+"""Backend guard: keras_meta runs on Keras 3 with the TensorFlow backend only.
+
+Importing this module selects TensorFlow when `KERAS_BACKEND` is unset and raises
+an `ImportError` that says so when Keras is configured for another backend.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Quieter TensorFlow start-up unless the user asked otherwise.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "keras_meta requires the TensorFlow backend of Keras 3, but Keras is "
+        f"configured with backend={keras.backend.backend()!r}. Set the "
+        "environment variable KERAS_BACKEND=tensorflow before importing keras "
+        "(or leave it unset and import keras_meta first)."
+    )
+
+import tensorflow as tf  # noqa: E402,F401

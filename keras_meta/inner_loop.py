@@ -1,0 +1,118 @@
+"""Fast-weight adaptation: the one place where inner loops run.
+
+Fast weights are plain tensors. They reach the network through
+`model.stateless_call`, so adaptation never assigns to the model's variables and
+never copies the model. Every algorithm (MAML, ANIL, iMAML) adapts through
+`gradient_descent` below and calls the network through `forward`.
+"""
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+
+def gradient_descent(loss_fn, params, steps, learning_rate, create_graph=True):
+    """Runs `steps` steps of plain gradient descent from `params`.
+
+    Each step computes `params <- params - learning_rate * grad loss_fn(params)`
+    with its own `tf.GradientTape`. With `create_graph=True` the steps stay
+    differentiable, so an enclosing tape can take second-order derivatives
+    through the whole path (MAML). With `create_graph=False` every inner
+    gradient is wrapped in `tf.stop_gradient`, so nothing outside sees through
+    the inner updates (first-order MAML, evaluation, iMAML's inner solve) and
+    no tape is kept across steps.
+
+    Args:
+        loss_fn: callable taking a list of tensors (the fast weights) and
+            returning a scalar loss.
+        params: list of tensors, the starting point.
+        steps: Python int, number of gradient steps (0 returns `params`).
+        learning_rate: float or scalar tensor, the step size.
+        create_graph: whether the updates stay differentiable.
+
+    Returns:
+        The list of adapted tensors, in the order of `params`.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> w = [tf.constant(3.0)]
+    >>> gradient_descent(lambda p: p[0] ** 2, w, steps=1, learning_rate=0.25)[0]
+    <tf.Tensor: shape=(), dtype=float32, numpy=1.5>
+    """
+    params = list(params)
+    for _ in range(steps):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(params)
+            loss = loss_fn(params)
+        grads = tape.gradient(
+            loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        if not create_graph:
+            grads = [tf.stop_gradient(g) for g in grads]
+        params = [
+            p - tf.cast(learning_rate, p.dtype) * g for p, g in zip(params, grads)
+        ]
+    return params
+
+
+def forward(model, params, non_trainable, x, training):
+    """Calls `model` at fast weights `params`.
+
+    Returns:
+        `(outputs, non_trainable, losses)`: the network outputs, the values the
+        non-trainable variables would take after the call (e.g. BatchNorm moving
+        statistics; they are never assigned), and the regularisation losses
+        the layers added (e.g. `kernel_regularizer`) at those weights.
+    """
+    outputs, new_non_trainable, losses = model.stateless_call(
+        params, non_trainable, x, training=training, return_losses=True
+    )
+    return outputs, new_non_trainable, losses
+
+
+def batch_norm_layers(model):
+    """The `keras.layers.BatchNormalization` layers of `model` (recursively)."""
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+
+
+@contextlib.contextmanager
+def _exact_batch_moments(model):
+    """Temporarily sets every BatchNorm `momentum` of `model` to 0.
+
+    With momentum 0 a training-mode call replaces the moving statistics by the
+    current batch's moments exactly (Keras normalises with the biased variance
+    and stores the same), which is how `batch_moments` reads them out for
+    any architecture. The momentum is a Python attribute read when the layer
+    is called (or traced), and it is restored on exit.
+    """
+    layers = batch_norm_layers(model)
+    saved = [layer.momentum for layer in layers]
+    try:
+        for layer in layers:
+            layer.momentum = 0.0
+        yield
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+
+
+def batch_moments(model, params, non_trainable, x):
+    """Non-trainable values whose BatchNorm statistics are the moments of `x`.
+
+    Runs `model` on `x` at weights `params` in training mode and returns the
+    non-trainable values with every BatchNorm layer's `moving_mean` and
+    `moving_variance` set to the mean and (biased) variance of its input on
+    this batch. Running the network in inference mode with these values
+    reproduces its training-mode output on `x`. Differentiable in `params`.
+    """
+    with _exact_batch_moments(model):
+        _, new_non_trainable = model.stateless_call(
+            params, non_trainable, x, training=True
+        )
+    return new_non_trainable
