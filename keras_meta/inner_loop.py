@@ -51,10 +51,56 @@ def gradient_descent(loss_fn, params, steps, learning_rate, create_graph=True):
         )
         if not create_graph:
             grads = [tf.stop_gradient(g) for g in grads]
-        params = [
-            p - tf.cast(learning_rate, p.dtype) * g for p, g in zip(params, grads)
-        ]
+        params = [p - _as_dtype(learning_rate, p.dtype) * g for p, g in zip(params, grads)]
     return params
+
+
+def _as_dtype(value, dtype):
+    # `tf.cast(0.1, tf.float64)` goes through float32 (1.5e-8 off): convert
+    # Python numbers straight to the target dtype.
+    if tf.is_tensor(value):
+        return tf.cast(value, dtype)
+    return tf.constant(value, dtype=dtype)
+
+
+def _moments(x, axes, keepdims=False):
+    # tf.nn.moments computes the variance around `stop_gradient(mean)`: exact
+    # first derivatives, wrong second derivatives (the mean's dependence on
+    # the inputs drops out of the Hessian). Same values, exact derivatives.
+    mean = tf.reduce_mean(x, axes, keepdims=True)
+    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
+    if not keepdims:
+        mean = tf.squeeze(mean, axes)
+        variance = tf.squeeze(variance, axes)
+    return mean, variance
+
+
+@contextlib.contextmanager
+def exact_higher_derivatives():
+    """Makes Keras BatchNorm twice differentiable while the context is open.
+
+    Keras' TensorFlow backend computes batch moments with `tf.nn.moments`,
+    whose variance treats the mean as a constant (`stop_gradient`). Its
+    forward values and first derivatives are exact, but second derivatives
+    through BatchNorm (which second-order MAML and iMAML's Hessian-vector
+    products need) are wrong. Inside this context Keras' moments are computed
+    without the `stop_gradient`: the same values, exact derivatives of every
+    order. keras_meta opens it around its own calls of the network only.
+    """
+    try:
+        from keras.src.backend.tensorflow import nn as backend_nn
+    except ImportError:  # pragma: no cover - Keras moved its internals
+        yield
+        return
+    if not hasattr(backend_nn, "_compute_moments"):  # pragma: no cover
+        yield
+        return
+    original = backend_nn._compute_moments
+    backend_nn._compute_moments = _moments
+    try:
+        yield
+    finally:
+        backend_nn._compute_moments = original
 
 
 def forward(model, params, non_trainable, x, training):
@@ -66,9 +112,10 @@ def forward(model, params, non_trainable, x, training):
         statistics; they are never assigned), and the regularisation losses
         the layers added (e.g. `kernel_regularizer`) at those weights.
     """
-    outputs, new_non_trainable, losses = model.stateless_call(
-        params, non_trainable, x, training=training, return_losses=True
-    )
+    with exact_higher_derivatives():
+        outputs, new_non_trainable, losses = model.stateless_call(
+            params, non_trainable, x, training=training, return_losses=True
+        )
     return outputs, new_non_trainable, losses
 
 
@@ -111,7 +158,7 @@ def batch_moments(model, params, non_trainable, x):
     this batch. Running the network in inference mode with these values
     reproduces its training-mode output on `x`. Differentiable in `params`.
     """
-    with _exact_batch_moments(model):
+    with _exact_batch_moments(model), exact_higher_derivatives():
         _, new_non_trainable = model.stateless_call(
             params, non_trainable, x, training=True
         )

@@ -10,50 +10,15 @@ outer update, metrics, evaluation, prediction, `adapt()` and serialization.
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_meta import inner_loop
+from keras_meta.data.episodes import EPISODE_KEYS
+from keras_meta.validation import check_choice, check_positive_float, check_positive_int
 
-EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
 PREDICT_KEYS = ("support_x", "support_y", "query_x")
 TASK_EXECUTIONS = ("vectorized", "sequential")
 INNER_LEARNING_RATE_SCALINGS = (None, "inverse_steps")
-
-
-def _check_positive_int(name, value, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < 1
-    ):
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    return int(value)
-
-
-def _check_positive_float(name, value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not np.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(
-            f"`{name}` must be a positive number. Received: {name}={value!r}"
-        )
-    return float(value)
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(
-            f"`{name}` must be one of {list(choices)}. Received: {name}={value!r}"
-        )
-    return value
 
 
 class MetaLearner(keras.Model):
@@ -121,20 +86,20 @@ class MetaLearner(keras.Model):
                 "no trainable weights"
             )
         self.model = model
-        self.inner_learning_rate = _check_positive_float(
+        self.inner_learning_rate = check_positive_float(
             "inner_learning_rate", inner_learning_rate
         )
-        self.inner_steps = _check_positive_int("inner_steps", inner_steps)
-        self.eval_inner_steps = _check_positive_int(
+        self.inner_steps = check_positive_int("inner_steps", inner_steps)
+        self.eval_inner_steps = check_positive_int(
             "eval_inner_steps", eval_inner_steps, allow_none=True
         )
-        self.inner_learning_rate_scaling = _check_choice(
+        self.inner_learning_rate_scaling = check_choice(
             "inner_learning_rate_scaling",
             inner_learning_rate_scaling,
             INNER_LEARNING_RATE_SCALINGS,
         )
         self.transductive_batch_norm = bool(transductive_batch_norm)
-        self.task_execution = _check_choice(
+        self.task_execution = check_choice(
             "task_execution", task_execution, TASK_EXECUTIONS
         )
         self._has_batch_norm = bool(inner_loop.batch_norm_layers(model))
@@ -334,8 +299,9 @@ class MetaLearner(keras.Model):
 
     def _check_episode(self, data, keys=EPISODE_KEYS):
         name = type(self).__name__
-        if isinstance(data, (tuple, list)) and len(data) == 1:
-            data = data[0]
+        if isinstance(data, (tuple, list)):
+            # `train_on_batch(x)` and friends pass `(x, y, sample_weight)`.
+            data, _, _ = keras.utils.unpack_x_y_sample_weight(tuple(data))
         if not isinstance(data, dict):
             raise ValueError(
                 f"{name} expects episodes as dicts with keys {list(keys)}, "
@@ -491,7 +457,7 @@ class MetaLearner(keras.Model):
             A new `keras.Model` with the adapted weights, compiled with the
             learner's loss.
         """
-        steps = _check_positive_int(
+        steps = check_positive_int(
             "steps", self.adaptation_steps if steps is None else steps
         )
         support_x = tf.convert_to_tensor(support_x)

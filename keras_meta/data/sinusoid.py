@@ -5,7 +5,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from keras_meta.data.episodes import check_positive_int, resolve_seed
+from keras_meta.validation import check_positive_int, resolve_seed
 
 
 def sinusoid(
