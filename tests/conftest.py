@@ -29,12 +29,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def float64():
     """Runs a test with Keras' default float type set to float64."""
-    previous = keras.config.floatx()
+    previous = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    # The global dtype policy is cached from floatx on first use: set both.
+    keras.config.set_dtype_policy("float64")
     try:
         yield
     finally:
-        keras.config.set_floatx(previous)
+        keras.config.set_floatx(previous[0])
+        keras.config.set_dtype_policy(previous[1])
 
 
 @pytest.fixture(autouse=True)
