@@ -299,9 +299,7 @@ class MetaLearner(keras.Model):
 
     def _check_episode(self, data, keys=EPISODE_KEYS):
         name = type(self).__name__
-        if isinstance(data, (tuple, list)):
-            # `train_on_batch(x)` and friends pass `(x, y, sample_weight)`.
-            data, _, _ = keras.utils.unpack_x_y_sample_weight(tuple(data))
+        data = _as_episode_dict(data)
         if not isinstance(data, dict):
             raise ValueError(
                 f"{name} expects episodes as dicts with keys {list(keys)}, "
@@ -344,6 +342,49 @@ class MetaLearner(keras.Model):
 
     # ------------------------------------------------------------------
     # Keras trainer hooks.
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' TF trainer calls this before tracing a step function. Left
+        # to itself it defers building to the first trace (without a
+        # distribution strategy) or builds by calling the model on a
+        # symbolic batch with `y` (with one). Neither fits a learner: the
+        # optimizer slots and compiled metrics would be created inside the
+        # first trace, which makes `tf.function` trace the whole meta-step
+        # twice, and `call` takes an episode, not `x`. Build both here,
+        # eagerly, from the episode's shapes.
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = next(batches)
+                break
+        if data_batch is None:
+            return
+        data_batch = tf.nest.map_structure(
+            lambda t: self.distribute_strategy.experimental_local_results(t)[0]
+            if isinstance(t, tf.distribute.DistributedValues)
+            else t,
+            data_batch,
+        )
+        with self.distribute_strategy.scope():
+            self._build_training_state(data_batch)
+
+    def _build_training_state(self, data_batch):
+        if self.optimizer is not None and not self.optimizer.built:
+            self.optimizer.build(self.model.trainable_variables)
+        metrics = self._compile_metrics
+        if metrics is None or metrics.built:
+            return
+        data = _as_episode_dict(data_batch)
+        if not isinstance(data, dict) or "query_y" not in data:
+            return  # predict: no metrics; bad episodes fail in the step
+        episode = self._check_episode(data)
+        query_y = episode["query_y"]
+        y_true = keras.KerasTensor((None,) + tuple(query_y.shape[2:]), query_y.dtype)
+        y_pred = self.model.compute_output_spec(
+            keras.KerasTensor(
+                (None,) + tuple(episode["query_x"].shape[2:]), episode["query_x"].dtype
+            )
+        )
+        metrics.build(y_true, y_pred)
 
     def _meta_state(self):
         params = [tf.convert_to_tensor(v) for v in self.model.trainable_variables]
@@ -521,6 +562,13 @@ class MetaLearner(keras.Model):
         config = dict(config)
         config["model"] = keras.saving.deserialize_keras_object(config["model"])
         return cls(**config)
+
+
+def _as_episode_dict(data):
+    """The episode from what Keras passes a step: `x` or `(x, y, weight)`."""
+    if isinstance(data, (tuple, list)):
+        data, _, _ = keras.utils.unpack_x_y_sample_weight(tuple(data))
+    return data
 
 
 def _merge_meta_batch(tensor):
