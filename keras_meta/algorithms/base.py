@@ -9,6 +9,8 @@ class does the rest: episode checks, running the tasks of a meta-batch, the
 outer update, metrics, evaluation, prediction, `adapt()` and serialization.
 """
 
+import copy
+
 import keras
 import tensorflow as tf
 
@@ -495,8 +497,7 @@ class MetaLearner(keras.Model):
             steps: inner steps (positive int); default `eval_inner_steps`.
 
         Returns:
-            A new `keras.Model` with the adapted weights, compiled with the
-            learner's loss.
+            A new, uncompiled `keras.Model` with the adapted weights.
         """
         steps = check_positive_int(
             "steps", self.adaptation_steps if steps is None else steps
@@ -537,8 +538,6 @@ class MetaLearner(keras.Model):
             variable.assign(value)
         for variable, value in zip(clone.non_trainable_variables, statistics):
             variable.assign(value)
-        if getattr(self, "loss", None) is not None:
-            clone.compile(loss=self.loss)
         return clone
 
     # ------------------------------------------------------------------
@@ -559,7 +558,7 @@ class MetaLearner(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = copy.deepcopy(config)  # deserialization consumes the dict
         config["model"] = keras.saving.deserialize_keras_object(config["model"])
         return cls(**config)
 
