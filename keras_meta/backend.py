@@ -10,14 +10,22 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # Quieter TensorFlow start-up unless the user asked otherwise.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
 
-if keras.backend.backend() != "tensorflow":
-    raise ImportError(
+def _wrong_backend(backend):
+    return ImportError(
         "keras_meta requires the TensorFlow backend of Keras 3, but Keras is "
-        f"configured with backend={keras.backend.backend()!r}. Set the "
-        "environment variable KERAS_BACKEND=tensorflow before importing keras "
-        "(or leave it unset and import keras_meta first)."
+        f"configured with backend={backend!r}. Set the environment variable "
+        "KERAS_BACKEND=tensorflow before importing keras (or leave it unset "
+        "and import keras_meta first)."
     )
 
-import tensorflow as tf  # noqa: E402,F401
+
+try:
+    import keras
+except ImportError as error:  # e.g. KERAS_BACKEND=jax without jax installed
+    if os.environ["KERAS_BACKEND"] != "tensorflow":
+        raise _wrong_backend(os.environ["KERAS_BACKEND"]) from error
+    raise
+
+if keras.backend.backend() != "tensorflow":
+    raise _wrong_backend(keras.backend.backend())

@@ -1,0 +1,36 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(code, backend):
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    if backend is not None:
+        env["KERAS_BACKEND"] = backend
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("backend", ["numpy"])
+def test_other_backend_raises_a_clear_error(backend):
+    result = _run("import keras_meta", backend)
+    assert result.returncode != 0
+    assert "keras_meta requires the TensorFlow backend" in result.stderr
+    assert f"backend={backend!r}" in result.stderr
+
+
+def test_keras_already_on_another_backend_raises_a_clear_error():
+    code = "import keras; keras.backend.backend = lambda: 'jax'; import keras_meta"
+    result = _run(code, "tensorflow")
+    assert result.returncode != 0
+    assert "keras_meta requires the TensorFlow backend of Keras 3, but Keras is configured " \
+           "with backend='jax'" in result.stderr
+
+
+def test_unset_backend_selects_tensorflow():
+    result = _run("import keras_meta, keras; print(keras.backend.backend())", None)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("tensorflow")
