@@ -12,6 +12,7 @@ outer update, metrics, evaluation, prediction, `adapt()` and serialization.
 import copy
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_meta import inner_loop
@@ -472,6 +473,71 @@ class MetaLearner(keras.Model):
             if key not in ("gradients", "loss", "predictions", "pre_adaptation_loss"):
                 logs[key] = tf.reduce_mean(value)
         return logs
+
+    # ------------------------------------------------------------------
+    # Few-shot evaluation, task by task.
+
+    def evaluate_tasks(self, episode, steps=None):
+        """Per-task query losses and predictions along the adaptation path.
+
+        Adapts every task of one meta-batch and records the query loss and
+        predictions after each number of inner steps in `steps` (0 = before
+        adaptation). This is the few-shot protocol's raw material: means and
+        95% intervals over tasks, adaptation curves, accuracies.
+
+        Args:
+            episode: one meta-batch (dict of arrays or tensors).
+            steps: increasing non-negative ints; default `[0, eval_inner_steps]`.
+
+        Returns:
+            A dict of numpy arrays: `"steps"` `[S]`, `"loss"`
+            `[meta_batch, S]` and `"predictions"`
+            `[meta_batch, S, queries, ...]`.
+        """
+        steps = [0, self.adaptation_steps] if steps is None else list(steps)
+        if not steps or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps
+        ) or steps != sorted(set(steps)):
+            raise ValueError(
+                "`steps` must be a non-empty, strictly increasing list of "
+                f"non-negative ints. Received: steps={steps!r}"
+            )
+        episode = self._check_episode(episode)
+        key = tuple(steps)
+        functions = self.__dict__.setdefault("_evaluate_tasks_functions", {})
+        if key not in functions:
+            functions[key] = tf.function(
+                lambda e: self._evaluate_tasks(e, key), reduce_retracing=True
+            )
+        results = functions[key](episode)
+        results = {k: v.numpy() for k, v in results.items()}
+        results["steps"] = np.array(steps)
+        return results
+
+    def _evaluate_tasks(self, episode, steps):
+        params, non_trainable = self._meta_state()
+        support_training, query_training = self._training_flags(False)
+
+        def task_fn(task):
+            fast, losses, predictions = params, [], []
+            for previous, current in zip((0,) + steps[:-1], steps):
+                fast = self.adapt_parameters(
+                    fast,
+                    non_trainable,
+                    task["support_x"],
+                    task["support_y"],
+                    current - previous,
+                    support_training,
+                    create_graph=False,
+                )
+                loss, y_pred = self.query_loss(
+                    fast, non_trainable, task, query_training
+                )
+                losses.append(loss)
+                predictions.append(y_pred)
+            return {"loss": tf.stack(losses), "predictions": tf.stack(predictions)}
+
+        return self.map_tasks(task_fn, episode, ("loss", "predictions"))
 
     # ------------------------------------------------------------------
     # Adapted models.
