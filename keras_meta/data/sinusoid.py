@@ -5,6 +5,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from keras_meta.data.streams import step_counter
 from keras_meta.validation import check_positive_int, resolve_seed
 
 
@@ -19,6 +20,7 @@ def sinusoid(
     input_range=(-5.0, 5.0),
     dtype="float32",
     return_parameters=False,
+    start_step=0,
 ):
     """Episodes of sinusoid regression tasks, `y = A sin(x - phase)`.
 
@@ -49,6 +51,11 @@ def sinusoid(
         dtype: floating dtype of the tensors.
         return_parameters: also yield `amplitude` and `phase`,
             `[meta_batch_size]` each (for plots and oracles).
+        start_step: index of the first meta-batch: an int, or a scalar
+            integer variable read each time an iterator is created. Pass
+            `learner.optimizer.iterations` to make the stream resume where
+            a run interrupted and restored by `keras.callbacks.BackupAndRestore`
+            left off (see docs/callbacks.md).
 
     Returns:
         An infinite `tf.data.Dataset` of episode dicts.
@@ -135,7 +142,7 @@ def sinusoid(
         return element
 
     return (
-        tf.data.Dataset.counter(dtype=tf.int64)
+        step_counter(start_step)
         .map(episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )
