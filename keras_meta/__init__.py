@@ -1,9 +1,20 @@
 """keras_meta: gradient-based meta-learning for Keras 3 (TensorFlow backend)."""
 
 from keras_meta import backend as _backend  # noqa: F401  (selects TensorFlow)
-from keras_meta import data, inner_loop, models
+from keras_meta import callbacks, data, evaluation, inner_loop, models
 from keras_meta.algorithms import MAML, MetaLearner
+from keras_meta.export import export_adaptive
 
 __version__ = "0.1.0"
 
-__all__ = ["MAML", "MetaLearner", "data", "inner_loop", "models", "__version__"]
+__all__ = [
+    "MAML",
+    "MetaLearner",
+    "callbacks",
+    "data",
+    "evaluation",
+    "export_adaptive",
+    "inner_loop",
+    "models",
+    "__version__",
+]
