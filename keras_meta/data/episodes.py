@@ -4,6 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_meta.data.sources import Source, from_arrays
+from keras_meta.data.streams import step_counter
 from keras_meta.validation import check_positive_int, resolve_seed
 
 EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
@@ -21,6 +22,7 @@ def episodes(
     seed=None,
     num_tasks=None,
     return_classes=False,
+    start_step=0,
 ):
     """Meta-batches of N-way K-shot classification tasks from a `Source`.
 
@@ -59,6 +61,10 @@ def episodes(
         return_classes: also yield `classes`, `[meta_batch_size, n_way]`
             int32: the source class (an index into `source.class_names`)
             behind each label of each task.
+        start_step: index of the first meta-batch: an int, or a scalar
+            integer variable read when an iterator is created (pass
+            `learner.optimizer.iterations` to resume a stream after
+            `keras.callbacks.BackupAndRestore`; see `sinusoid`).
 
     Returns:
         An infinite `tf.data.Dataset` of episode dicts.
@@ -137,7 +143,7 @@ def episodes(
         return element
 
     return (
-        tf.data.Dataset.counter(dtype=tf.int64)
+        step_counter(start_step)
         .map(episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .prefetch(tf.data.AUTOTUNE)
     )

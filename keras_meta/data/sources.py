@@ -289,7 +289,7 @@ def from_arrays(x, y, class_names=None, name="arrays"):
     if len(y) == 0:
         raise ValueError(f"Source {name!r} is empty: `x` and `y` hold no examples.")
     if not np.issubdtype(y.dtype, np.integer):
-        example = y.ravel()[0]
+        example = y.ravel()[0].item()
         raise ValueError(
             "`y` must hold integer class labels. Received: y with dtype "
             f"{y.dtype} (first value {example!r})"
@@ -511,10 +511,11 @@ def from_tfds(
                 f"{sorted(dataset.element_spec)}"
             )
     label_spec = dataset.element_spec[label_key]
-    if not label_spec.dtype.is_integer:
+    if not label_spec.dtype.is_integer or label_spec.shape.rank != 0:
         raise ValueError(
-            f"Feature `label_key`={label_key!r} of TFDS {name!r} must hold "
-            f"integer class labels. Received: dtype {label_spec.dtype.name}"
+            f"Feature `label_key`={label_key!r} of TFDS {name!r} must hold one "
+            f"integer class label per example. Received: dtype "
+            f"{label_spec.dtype.name}, shape {tuple(label_spec.shape)}"
         )
     image_spec = dataset.element_spec[image_key]
     is_image = image_spec.dtype == tf.uint8 and image_spec.shape.rank == 3
