@@ -1,13 +1,14 @@
 """keras_meta: gradient-based meta-learning for Keras 3 (TensorFlow backend)."""
 
 from keras_meta import backend as _backend  # noqa: F401  (selects TensorFlow)
-from keras_meta import callbacks, data, evaluation, inner_loop, models
-from keras_meta.algorithms import MAML, MetaLearner
+from keras_meta import callbacks, data, evaluation, inner_loop, linalg, models
+from keras_meta.algorithms import IMAML, MAML, MetaLearner
 from keras_meta.export import export_adaptive
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMAML",
     "MAML",
     "MetaLearner",
     "callbacks",
@@ -15,6 +16,7 @@ __all__ = [
     "evaluation",
     "export_adaptive",
     "inner_loop",
+    "linalg",
     "models",
     "__version__",
 ]

@@ -6,6 +6,7 @@ never copies the model. Every algorithm (MAML, ANIL, iMAML) adapts through
 `gradient_descent` below and calls the network through `forward`.
 """
 
+import collections
 import contextlib
 
 import keras
@@ -163,3 +164,187 @@ def batch_moments(model, params, non_trainable, x):
             params, non_trainable, x, training=True
         )
     return new_non_trainable
+
+
+# ----------------------------------------------------------------------
+# Inner optimisers beyond plain gradient descent.
+#
+# An inner optimiser is a pair of pure functions on plain tensors (optax's
+# shape): `init(params) -> state` and `update(grads, state, params) ->
+# (updates, state)`, the new fast weights being `params + updates`. `minimize`
+# runs one. iMAML's inner solve uses them: its meta-gradient does not depend
+# on how the inner problem was solved, so any optimiser will do.
+
+InnerOptimizer = collections.namedtuple("InnerOptimizer", ["name", "init", "update"])
+InnerOptimizer.__doc__ = """An inner optimiser: `init(params)` and `update(grads, state, params)`."""
+
+
+def sgd(learning_rate):
+    """Plain gradient descent: `params - learning_rate * grads`.
+
+    `minimize` with it computes exactly what `gradient_descent` computes.
+    """
+
+    def init(params):
+        return ()
+
+    def update(grads, state, params):
+        return [-_as_dtype(learning_rate, g.dtype) * g for g in grads], state
+
+    return InnerOptimizer("sgd", init, update)
+
+
+def momentum(learning_rate, momentum=0.9, nesterov=False):
+    """Heavy-ball (or Nesterov) momentum, as `keras.optimizers.SGD` computes it.
+
+    `velocity <- momentum * velocity - learning_rate * grads`, then
+    `params <- params + velocity` (Nesterov:
+    `params <- params + momentum * velocity - learning_rate * grads`).
+    """
+
+    def init(params):
+        return [tf.zeros_like(p) for p in params]
+
+    def update(grads, velocity, params):
+        rate = [_as_dtype(learning_rate, g.dtype) for g in grads]
+        mu = [_as_dtype(momentum, g.dtype) for g in grads]
+        velocity = [m * v - r * g for m, v, r, g in zip(mu, velocity, rate, grads)]
+        if nesterov:
+            updates = [m * v - r * g for m, v, r, g in zip(mu, velocity, rate, grads)]
+        else:
+            updates = list(velocity)
+        return updates, velocity
+
+    return InnerOptimizer("momentum", init, update)
+
+
+def adam(learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    """Adam, as `keras.optimizers.Adam` computes it (same default epsilon).
+
+    `m <- b1 m + (1 - b1) g`, `v <- b2 v + (1 - b2) g^2`, `params <- params
+    - lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + epsilon)`.
+    """
+
+    def init(params):
+        dtype = params[0].dtype if params else tf.float32
+        return (
+            tf.zeros([], dtype),
+            [tf.zeros_like(p) for p in params],
+            [tf.zeros_like(p) for p in params],
+        )
+
+    def update(grads, state, params):
+        count, first, second = state
+        count = count + 1
+        b1 = _as_dtype(beta_1, count.dtype)
+        b2 = _as_dtype(beta_2, count.dtype)
+        scale = _as_dtype(learning_rate, count.dtype) * tf.sqrt(1 - b2**count) / (1 - b1**count)
+        first = [m + (1 - tf.cast(b1, g.dtype)) * (g - m) for m, g in zip(first, grads)]
+        second = [v + (1 - tf.cast(b2, g.dtype)) * (g * g - v) for v, g in zip(second, grads)]
+        updates = [
+            -tf.cast(scale, m.dtype) * m / (tf.sqrt(v) + _as_dtype(epsilon, v.dtype))
+            for m, v in zip(first, second)
+        ]
+        return updates, (count, first, second)
+
+    return InnerOptimizer("adam", init, update)
+
+
+INNER_OPTIMIZERS = {"sgd": sgd, "momentum": momentum, "adam": adam}
+
+
+def get_inner_optimizer(identifier, learning_rate):
+    """An `InnerOptimizer` from a name or a config dict.
+
+    Args:
+        identifier: `"sgd"`, `"momentum"` or `"adam"`, or a dict with a
+            `"name"` among those and the optimiser's keyword arguments
+            (e.g. `{"name": "momentum", "momentum": 0.5}`).
+        learning_rate: the step size.
+
+    Returns:
+        An `InnerOptimizer`.
+    """
+    if isinstance(identifier, str):
+        name, kwargs = identifier, {}
+    elif isinstance(identifier, dict) and isinstance(identifier.get("name"), str):
+        kwargs = dict(identifier)
+        name = kwargs.pop("name")
+    else:
+        raise ValueError(
+            f"An inner optimiser is one of {sorted(INNER_OPTIMIZERS)} or a dict "
+            "with a `name` among those and its keyword arguments. Received: "
+            f"{identifier!r}"
+        )
+    if name not in INNER_OPTIMIZERS:
+        raise ValueError(
+            f"Unknown inner optimiser {name!r}: expected one of "
+            f"{sorted(INNER_OPTIMIZERS)}. Received: {identifier!r}"
+        )
+    try:
+        return INNER_OPTIMIZERS[name](learning_rate, **kwargs)
+    except TypeError as error:
+        raise ValueError(
+            f"Invalid arguments for inner optimiser {name!r}: {error}. "
+            f"Received: {identifier!r}"
+        ) from error
+
+
+def minimize(loss_fn, params, steps, optimizer, state=None, create_graph=False):
+    """Runs `steps` steps of an inner optimiser on `loss_fn` from `params`.
+
+    With `create_graph=False` (the default) the steps run in a
+    `tf.while_loop` (a Python loop when eager): the graph does not grow with
+    `steps`, each gradient is wrapped in `tf.stop_gradient`, and no tape is
+    kept across steps, so memory does not grow with `steps` either (iMAML's
+    inner solve, evaluation). With `create_graph=True` the steps are unrolled
+    and stay differentiable, like `gradient_descent(create_graph=True)`.
+
+    Args:
+        loss_fn: callable taking a list of tensors and returning a scalar.
+        params: list of tensors, the starting point.
+        steps: Python int >= 0.
+        optimizer: an `InnerOptimizer` (`sgd`, `momentum`, `adam`).
+        state: the optimiser state to continue from; default
+            `optimizer.init(params)`.
+        create_graph: whether the updates stay differentiable.
+
+    Returns:
+        `(params, state)`: the adapted tensors and the optimiser state.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> w, _ = minimize(lambda p: p[0] ** 2, [tf.constant(3.0)], steps=1,
+    ...                 optimizer=sgd(0.25))
+    >>> w[0]
+    <tf.Tensor: shape=(), dtype=float32, numpy=1.5>
+    """
+    params = list(params)
+    if state is None:
+        state = optimizer.init(params)
+
+    def step(params, state):
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(params)
+            loss = loss_fn(params)
+        grads = tape.gradient(
+            loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        if not create_graph:
+            grads = [tf.stop_gradient(g) for g in grads]
+        updates, state = optimizer.update(grads, state, params)
+        return [p + u for p, u in zip(params, updates)], state
+
+    if steps == 0:
+        return params, state
+    if create_graph:
+        for _ in range(steps):
+            params, state = step(params, state)
+        return params, state
+    _, params, state = tf.while_loop(
+        lambda i, p, s: i < steps,
+        lambda i, p, s: (i + 1,) + step(p, s),
+        (tf.constant(0), params, state),
+    )
+    return list(params), state

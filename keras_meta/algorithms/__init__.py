@@ -1,4 +1,5 @@
 from keras_meta.algorithms.base import MetaLearner
+from keras_meta.algorithms.imaml import IMAML
 from keras_meta.algorithms.maml import MAML
 
-__all__ = ["MetaLearner", "MAML"]
+__all__ = ["MetaLearner", "MAML", "IMAML"]
