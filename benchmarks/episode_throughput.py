@@ -1,0 +1,163 @@
+"""Episode pipeline throughput against what a conv4 MAML train step consumes.
+
+Builds 5-way 1-shot 15-query meta-batches of 32 tasks from real Omniglot
+images (the MAML split of the characters found under `--data_dir`, rotations
+as classes) and reports, in one process:
+
+1. the one-off cost of decoding the PNGs into memory;
+2. meta-batches per second delivered by `km.data.episodes` (median of
+   `--repeats` timed runs of `--batches` meta-batches, after a warm-up);
+3. the median time of one conv4 MAML train step on such a meta-batch
+   (`km.MAML(km.models.conv4(5), inner_learning_rate=0.4, inner_steps=1)`,
+   Adam, sparse categorical cross-entropy on logits; `train_on_batch` on
+   meta-batches already in memory, after a warm-up that traces the step);
+4. the ratio of the two (the target is >= 10: the pipeline must never be the
+   bottleneck);
+5. with `--fit_steps`, `model.fit` seconds per step fed by the pipeline
+   against fed by one meta-batch already in memory (end to end; medians of
+   three alternated fits).
+
+    python benchmarks/episode_throughput.py
+    python benchmarks/episode_throughput.py --data_dir /path/to/omniglot --repeats 7
+
+`--data_dir` is a folder of Omniglot images (`<alphabet>/<character>/*.png`
+at any depth) or a folder of zips of such folders, unzipped to a temporary
+folder first.
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import zipfile
+
+import keras_meta as km
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+N_WAY, K_SHOT, Q_QUERY = 5, 1, 15
+
+
+def image_folder(data_dir, scratch):
+    """`data_dir` itself, or its zips unzipped into `scratch`."""
+    zips = sorted(f for f in os.listdir(data_dir) if f.endswith(".zip"))
+    if not zips:
+        return data_dir
+    for name in zips:
+        with zipfile.ZipFile(os.path.join(data_dir, name)) as archive:
+            archive.extractall(scratch)
+    return scratch
+
+
+def pipeline_rate(source, meta_batch_size, batches, repeats):
+    """Median meta-batches per second over `repeats` runs of `batches`."""
+    iterator = iter(km.data.episodes(source, N_WAY, K_SHOT, Q_QUERY, meta_batch_size, seed=0))
+    for _ in range(20):  # warm-up: tracing, thread pools, prefetch buffer
+        next(iterator)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(batches):
+            element = next(iterator)
+        element["query_y"].numpy()  # the last one is materialised
+        rates.append(batches / (time.perf_counter() - start))
+    return statistics.median(rates), rates
+
+
+def make_learner(seed=0):
+    keras.utils.set_random_seed(seed)
+    learner = km.MAML(km.models.conv4(N_WAY, seed=seed), inner_learning_rate=0.4, inner_steps=1)
+    learner.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return learner
+
+
+def train_step_time(source, meta_batch_size, steps, warmup):
+    """Median seconds of one MAML train step on in-memory meta-batches."""
+    batches = list(
+        km.data.episodes(source, N_WAY, K_SHOT, Q_QUERY, meta_batch_size, seed=1).take(4)
+    )
+    learner = make_learner()
+    for i in range(warmup):
+        learner.train_on_batch(batches[i % 4])
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        learner.train_on_batch(batches[i % 4])  # returns logs: synchronises
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def fit_seconds_per_step(datasets, steps, rounds=3):
+    """Median `model.fit` seconds per step for each dataset, rounds alternated.
+
+    One learner per dataset, traced by a first short fit; then `rounds`
+    fits of `steps` steps each, alternating between the datasets so that
+    both see the same background load.
+    """
+    learners = {}
+    for name, dataset in datasets.items():
+        learners[name] = make_learner()
+        learners[name].fit(dataset, epochs=1, steps_per_epoch=2, verbose=0)
+    times = {name: [] for name in datasets}
+    for _ in range(rounds):
+        for name, dataset in datasets.items():
+            start = time.perf_counter()
+            learners[name].fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", default="/work/shared/data/omniglot",
+                        help="Omniglot image folder, or a folder of zips of them")
+    parser.add_argument("--meta_batch_size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=200, help="meta-batches per timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed pipeline runs")
+    parser.add_argument("--steps", type=int, default=5, help="timed train steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed train steps")
+    parser.add_argument("--fit_steps", type=int, default=0,
+                        help="also time model.fit end to end over this many steps")
+    args = parser.parse_args()
+
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+          f"{os.cpu_count()} CPUs visible, GPUs: {len(tf.config.list_physical_devices('GPU'))}")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = image_folder(args.data_dir, scratch)
+        start = time.perf_counter()
+        train = km.data.omniglot("train", data_dir=folder, rotations=(0, 90, 180, 270))
+        load_seconds = time.perf_counter() - start
+    print(f"Decoded {train.metadata['available_characters']} characters in "
+          f"{load_seconds:.1f} s; training split: {train}")
+
+    rate, rates = pipeline_rate(train, args.meta_batch_size, args.batches, args.repeats)
+    print(f"Pipeline: {rate:.1f} meta-batches/s (median of {args.repeats} runs of "
+          f"{args.batches}; runs: {', '.join(f'{r:.0f}' for r in rates)}) = "
+          f"{rate * args.meta_batch_size:.0f} tasks/s, {N_WAY}-way {K_SHOT}-shot "
+          f"{Q_QUERY}-query, meta-batch {args.meta_batch_size}")
+
+    step, steps = train_step_time(train, args.meta_batch_size, args.steps, args.warmup)
+    print(f"conv4 MAML train step: {step * 1000:.0f} ms median of {args.steps} "
+          f"(steps: {', '.join(f'{s * 1000:.0f}' for s in steps)} ms) = "
+          f"{1 / step:.2f} meta-batches/s consumed")
+    print(f"Ratio pipeline / train step: {rate * step:.0f}x (target >= 10x)")
+
+    if args.fit_steps:
+        episodes = km.data.episodes(train, N_WAY, K_SHOT, Q_QUERY, args.meta_batch_size, seed=2)
+        in_memory = tf.data.Dataset.from_tensors(next(iter(episodes))).repeat()
+        times = fit_seconds_per_step(
+            {"pipeline": episodes, "in_memory": in_memory}, args.fit_steps
+        )
+        fed, cached = times["pipeline"], times["in_memory"]
+        print(f"model.fit, median of 3 alternated fits of {args.fit_steps} steps: "
+              f"{fed * 1000:.0f} ms/step fed by the pipeline, {cached * 1000:.0f} "
+              f"ms/step on one meta-batch in memory (ratio {fed / cached:.2f})")
+
+
+if __name__ == "__main__":
+    main()
