@@ -8,6 +8,7 @@ never copies the model. Every algorithm (MAML, ANIL, iMAML) adapts through
 
 import collections
 import contextlib
+import inspect
 
 import keras
 import tensorflow as tf
@@ -104,6 +105,21 @@ def exact_higher_derivatives():
         backend_nn._compute_moments = original
 
 
+def training_kwargs(model, training):
+    """`{"training": training}` if `model.call` takes it, else `{}`.
+
+    `stateless_call` hands its keyword arguments straight to `model.call`
+    (unlike `model(...)`, which drops `training` for calls without it).
+    """
+    accepts = getattr(model, "_call_has_training_arg", None)
+    if accepts is None:
+        parameters = inspect.signature(model.call).parameters
+        accepts = "training" in parameters or any(
+            p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+        )
+    return {"training": training} if accepts else {}
+
+
 def forward(model, params, non_trainable, x, training):
     """Calls `model` at fast weights `params`.
 
@@ -115,7 +131,7 @@ def forward(model, params, non_trainable, x, training):
     """
     with exact_higher_derivatives():
         outputs, new_non_trainable, losses = model.stateless_call(
-            params, non_trainable, x, training=training, return_losses=True
+            params, non_trainable, x, return_losses=True, **training_kwargs(model, training)
         )
     return outputs, new_non_trainable, losses
 
@@ -161,9 +177,28 @@ def batch_moments(model, params, non_trainable, x):
     """
     with _exact_batch_moments(model), exact_higher_derivatives():
         _, new_non_trainable = model.stateless_call(
-            params, non_trainable, x, training=True
+            params, non_trainable, x, **training_kwargs(model, True)
         )
     return new_non_trainable
+
+
+def forward_with_batch_moments(model, params, non_trainable, x):
+    """One training-mode call of `model` returning its outputs and batch moments.
+
+    The outputs and losses of `forward(model, params, non_trainable, x,
+    training=True)` together with the non-trainable values of
+    `batch_moments(model, params, non_trainable, x)`, from a single pass over
+    `x`. ANIL uses it to normalise query features with the support set's
+    moments without running its body twice on the support set.
+
+    Returns:
+        `(outputs, moments, losses)`.
+    """
+    with _exact_batch_moments(model), exact_higher_derivatives():
+        outputs, moments, losses = model.stateless_call(
+            params, non_trainable, x, return_losses=True, **training_kwargs(model, True)
+        )
+    return outputs, moments, losses
 
 
 # ----------------------------------------------------------------------

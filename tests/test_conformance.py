@@ -121,7 +121,13 @@ def test_adapted_model_is_standalone(learner, episode, tmp_path):
     adapted.export(export_dir, verbose=False)
     np.save(tmp_path / "x.npy", query_x)
     script = (
-        "import sys, numpy as np, tensorflow as tf\n"
+        "import sys, numpy as np\n"
+        "class NoKerasMeta:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'keras_meta':\n"
+        "            raise ImportError('keras_meta is not available here')\n"
+        "sys.meta_path.insert(0, NoKerasMeta())\n"
+        "import tensorflow as tf\n"
         f"m = tf.saved_model.load({export_dir!r})\n"
         f"y = m.serve(tf.constant(np.load({str(tmp_path / 'x.npy')!r})))\n"
         f"np.save({str(tmp_path / 'y.npy')!r}, y.numpy())\n"

@@ -214,3 +214,39 @@ def test_adapt_checks_support_shapes():
         _learner().adapt(np.zeros((4, 1), "float32"), np.zeros((5, 1), "float32"))
     with pytest.raises(ValueError, match="`steps` must be a positive integer"):
         _learner().adapt(np.zeros((4, 1), "float32"), np.zeros((4, 1), "float32"), steps=0)
+
+
+@keras.saving.register_keras_serializable(package="keras_meta_tests")
+class TwoLayer(keras.Model):
+    """A subclassed model whose `call` takes no `training` argument."""
+
+    def __init__(self, units=8, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.hidden = keras.layers.Dense(units, activation="tanh")
+        self.out = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+def test_subclassed_model_trains_adapts_and_saves(tmp_path):
+    model = TwoLayer()
+    model(np.zeros((1, 1), "float32"))
+    maml = km.MAML(model, inner_learning_rate=0.05, inner_steps=2)
+    maml.compile(optimizer="adam", loss="mse")
+    episodes = km.data.sinusoid(meta_batch_size=4, seed=0)
+    maml.fit(episodes, steps_per_epoch=3, verbose=0)
+    episode = {k: np.array(v) for k, v in next(iter(episodes)).items()}
+    adapted = maml.adapt(episode["support_x"][0], episode["support_y"][0])
+    assert isinstance(adapted, TwoLayer) and adapted is not model
+    np.testing.assert_allclose(adapted.predict(episode["query_x"][0], verbose=0),
+                               maml.predict({k: v[:1] for k, v in episode.items()}, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    maml.save(tmp_path / "subclassed.keras")
+    loaded = keras.saving.load_model(tmp_path / "subclassed.keras")
+    np.testing.assert_allclose(loaded.predict(episode, verbose=0), maml.predict(episode, verbose=0),
+                               rtol=1e-6)

@@ -1,5 +1,6 @@
 """Resumable meta-batch index streams shared by the episode sources."""
 
+import keras
 import tensorflow as tf
 
 
@@ -13,6 +14,8 @@ def step_counter(start_step=0):
     training run restored by `keras.callbacks.BackupAndRestore` continues the
     stream at the first meta-batch it has not trained on.
     """
+    if isinstance(start_step, keras.Variable):  # e.g. optimizer.iterations
+        start_step = start_step.value
     if isinstance(start_step, tf.Variable):
         variable = start_step
         start = tf.data.Dataset.from_tensors(0).map(
