@@ -2,12 +2,13 @@
 
 from keras_meta import backend as _backend  # noqa: F401  (selects TensorFlow)
 from keras_meta import callbacks, data, evaluation, inner_loop, linalg, models
-from keras_meta.algorithms import IMAML, MAML, MetaLearner
+from keras_meta.algorithms import ANIL, IMAML, MAML, MetaLearner
 from keras_meta.export import export_adaptive
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ANIL",
     "IMAML",
     "MAML",
     "MetaLearner",

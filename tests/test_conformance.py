@@ -30,6 +30,10 @@ LEARNERS = {
     "fomaml": lambda model: km.MAML(model, inner_learning_rate=0.3, inner_steps=1, first_order=True),
     "maml_support_bn": lambda model: km.MAML(model, inner_learning_rate=0.3, transductive_batch_norm=False,
                                              inner_learning_rate_scaling="inverse_steps"),
+    "anil": lambda model: km.ANIL(model, inner_learning_rate=0.3, inner_steps=2, eval_inner_steps=3),
+    "anil_first_order_support_bn": lambda model: km.ANIL(
+        model, head=1, inner_learning_rate=0.3, inner_steps=2, first_order=True,
+        head_l2_regularization=0.1, transductive_batch_norm=False, task_execution="sequential"),
 }
 
 
