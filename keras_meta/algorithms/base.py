@@ -109,6 +109,10 @@ class MetaLearner(keras.Model):
         self.pre_adaptation_loss_tracker = keras.metrics.Mean(
             name="pre_adaptation_loss"
         )
+        # Epoch means of the extra per-task scalars of `task_train`.
+        self._extra_trackers = {
+            name: keras.metrics.Mean(name=name) for name in self.extra_train_outputs
+        }
         self.built = True
 
     # ------------------------------------------------------------------
@@ -135,6 +139,16 @@ class MetaLearner(keras.Model):
         loss = loss_fn(y_true, y_pred)
         if loss.shape.rank:
             loss = tf.reduce_mean(loss)
+        elif isinstance(loss_fn, keras.losses.Loss) and loss_fn.reduction in (
+            "sum_over_batch_size", "mean", "mean_with_sample_weight"
+        ):
+            # Under a tf.distribute strategy, Keras divides mean-reduced
+            # losses by the replica count (so that summed replica gradients
+            # average). A task's loss is not split across replicas: undo it,
+            # or the inner step would shrink with the number of replicas.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            if replicas > 1:
+                loss = loss * tf.cast(replicas, loss.dtype)
         for extra in layer_losses:
             loss = loss + tf.cast(extra, loss.dtype)
         return loss
@@ -361,8 +375,20 @@ class MetaLearner(keras.Model):
                 break
         if data_batch is None:
             return
+        local = self.distribute_strategy.experimental_local_results
+        for value in tf.nest.flatten(data_batch):
+            if isinstance(value, tf.distribute.DistributedValues):
+                sizes = [int(tf.shape(t)[0]) for t in local(value)]
+                if len(set(sizes)) > 1:
+                    raise ValueError(
+                        "The global meta-batch must split evenly across the "
+                        f"{self.distribute_strategy.num_replicas_in_sync} "
+                        "replicas: make meta_batch_size a multiple of the "
+                        f"replica count. Received per-replica sizes {sizes}"
+                    )
+                break
         data_batch = tf.nest.map_structure(
-            lambda t: self.distribute_strategy.experimental_local_results(t)[0]
+            lambda t: local(t)[0]
             if isinstance(t, tf.distribute.DistributedValues)
             else t,
             data_batch,
@@ -408,11 +434,13 @@ class MetaLearner(keras.Model):
         )
 
         # Meta-gradient: mean over the tasks (and over replicas: Keras' TF
-        # optimizer sums the replicas' gradients).
+        # optimizer sums the replicas' gradients, which equals the mean over
+        # the global meta-batch when every replica holds as many tasks).
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        gradients = [
-            tf.reduce_mean(g, axis=0) / replicas for g in results["gradients"]
-        ]
+        with tf.control_dependencies(self._check_even_split(episode)):
+            gradients = [
+                tf.reduce_mean(g, axis=0) / replicas for g in results["gradients"]
+            ]
 
         # Update.
         self.optimizer.apply_gradients(
@@ -454,24 +482,48 @@ class MetaLearner(keras.Model):
         )
         return results["predictions"]
 
+    def _check_even_split(self, episode):
+        """Under a multi-replica strategy, asserts equal local meta-batches."""
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        context = tf.distribute.get_replica_context()
+        if replicas == 1 or context is None:
+            return []
+        local = tf.shape(episode["support_x"], out_type=tf.int64)[0]
+        total = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
+        return [
+            tf.debugging.assert_equal(
+                total,
+                local * replicas,
+                message=(
+                    "The global meta-batch must split evenly across the "
+                    f"{replicas} replicas (meta_batch_size divisible by "
+                    f"{replicas}): a replica received a different number of tasks"
+                ),
+            )
+        ]
+
     def _update_metrics(self, episode, results, training):
         """Shared bookkeeping of train and test steps; returns the logs."""
         self._loss_tracker.update_state(tf.reduce_mean(results["loss"]))
+        if training:
+            for name in self.extra_train_outputs:
+                self._extra_trackers[name].update_state(tf.reduce_mean(results[name]))
+        else:
+            self.pre_adaptation_loss_tracker.update_state(
+                tf.reduce_mean(results["pre_adaptation_loss"])
+            )
         logs = self.compute_metrics(
             None,
             _merge_meta_batch(episode["query_y"]),
             _merge_meta_batch(results["predictions"]),
         )
-        if training:
-            logs.pop("pre_adaptation_loss", None)
-        else:
-            self.pre_adaptation_loss_tracker.update_state(
-                tf.reduce_mean(results["pre_adaptation_loss"])
-            )
-            logs["pre_adaptation_loss"] = self.pre_adaptation_loss_tracker.result()
-        for key, value in results.items():
-            if key not in ("gradients", "loss", "predictions", "pre_adaptation_loss"):
-                logs[key] = tf.reduce_mean(value)
+        # Trackers that belong to the other kind of step stay out of the logs.
+        unused = self.extra_train_outputs if not training else ("pre_adaptation_loss",)
+        logs = {key: value for key, value in logs.items() if key not in unused}
+        if _multi_worker(self.distribute_strategy):
+            # Keras reduces multi-worker logs with `strategy.reduce("MEAN",
+            # value, axis=0)`, which fails on scalars: give them an axis.
+            logs = {key: tf.reshape(value, [1]) for key, value in logs.items()}
         return logs
 
     # ------------------------------------------------------------------
@@ -627,6 +679,12 @@ class MetaLearner(keras.Model):
         config = copy.deepcopy(config)  # deserialization consumes the dict
         config["model"] = keras.saving.deserialize_keras_object(config["model"])
         return cls(**config)
+
+
+def _multi_worker(strategy):
+    return isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ) and strategy.extended._in_multi_worker_mode()
 
 
 def _as_episode_dict(data):
