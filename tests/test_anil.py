@@ -416,6 +416,21 @@ def test_body_head_pair(float64, tmp_path):
                                adapted.predict(episode["query_x"][0], verbose=0), rtol=1e-12)
 
 
+def test_head_that_branches_internally_is_fed_by_one_tensor(float64):
+    inputs = keras.Input((2,))
+    features = keras.layers.Dense(4, activation="tanh", name="body")(inputs)
+    a = keras.layers.Dense(3, activation="tanh", name="head_a")(features)
+    b = keras.layers.Dense(3, name="head_b")(features)
+    h = keras.layers.Add(name="head_add")([a, b])
+    outputs = keras.layers.Dense(1, name="head_out")(h)
+    model = keras.Model(inputs, outputs, name="branching_head")
+    learner = km.ANIL(model, head=["head_a", "head_b", "head_add", "head_out"],
+                      inner_learning_rate=0.2, inner_steps=2)
+    learner.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    assert len(learner.head_model.trainable_variables) == 6
+    second_order_check(learner, helpers.regression_episode(meta_batch=2, seed=11))
+
+
 @keras.saving.register_keras_serializable(package="keras_meta_tests")
 class SubclassedBody(keras.Model):
     def __init__(self, units=4, **kwargs):

@@ -329,12 +329,13 @@ class ANIL(MetaLearner):
             )
             loss = tf.reduce_mean(results["loss"])
         # Meta-gradient of the mean query loss (Keras' TF optimizer sums the
-        # replicas' gradients).
+        # replicas' gradients, as in `MetaLearner.train_step`).
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         gradients = tape.gradient(
             loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
-        gradients = [g / replicas for g in gradients]
+        with tf.control_dependencies(self._check_even_split(episode)):
+            gradients = [g / replicas for g in gradients]
         # Update.
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         return self._update_metrics(episode, results, training=True)
