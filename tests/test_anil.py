@@ -112,7 +112,8 @@ def _convnet_learner(**kwargs):
 # Meta-gradients against finite differences (float64).
 
 
-@pytest.mark.parametrize("task_execution", ["vectorized", "sequential"])
+@pytest.mark.parametrize("task_execution", [
+    "vectorized", pytest.param("sequential", marks=pytest.mark.large)])  # agreement tested below
 def test_second_order_meta_gradient_matches_finite_differences(float64, task_execution):
     episode = helpers.regression_episode(meta_batch=3, k=6, q=5, features=2, seed=1)
     learner = _regression_learner(inner_learning_rate=0.3, inner_steps=3,
@@ -176,6 +177,7 @@ def test_first_order_meta_gradient_matches_finite_differences(float64, transduct
     check_against_finite_differences(f, params0, autodiff)
 
 
+@pytest.mark.large
 def test_first_order_differs_from_second_order_in_the_body(float64):
     episode = helpers.regression_episode(meta_batch=2, seed=5)
     grads = {}

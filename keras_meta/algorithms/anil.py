@@ -1,11 +1,20 @@
 """ANIL: MAML whose inner loop adapts only the head, over features computed once."""
 
+import collections
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_meta import inner_loop
 from keras_meta.algorithms.base import MetaLearner
+
+
+# What the body computes for one task, once: the features of the support and
+# query sets and the body layers' losses of each pass (e.g. kernel_regularizer).
+TaskFeatures = collections.namedtuple(
+    "TaskFeatures", ["support", "support_losses", "query", "query_losses"]
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_meta")
@@ -185,9 +194,7 @@ class ANIL(MetaLearner):
         """Support and query features: the body's only two calls per task.
 
         Returns:
-            `(support_features, support_losses, query_features,
-            query_losses)`, the losses being the body layers' losses of each
-            pass (e.g. `kernel_regularizer`).
+            A `TaskFeatures(support, support_losses, query, query_losses)`.
         """
         body = self.body_model
         if self._support_statistics():
@@ -206,7 +213,7 @@ class ANIL(MetaLearner):
             query, _, query_losses = inner_loop.forward(
                 body, body_params, body_non_trainable, query_x, query_training
             )
-        return support, list(support_losses), query, list(query_losses)
+        return TaskFeatures(support, list(support_losses), query, list(query_losses))
 
     def head_penalty(self, head_params):
         """`head_l2_regularization / 2 * ||w_head||^2`."""
@@ -262,11 +269,10 @@ class ANIL(MetaLearner):
         return y_pred, list(losses)
 
     def _head_query_loss(self, head_params, head_non_trainable, features, y, training):
-        support, _, query, query_losses = features
         y_pred, losses = self.head_query_outputs(
-            head_params, head_non_trainable, support, query, training
+            head_params, head_non_trainable, features.support, features.query, training
         )
-        return self.compute_task_loss(y, y_pred, query_losses + losses), y_pred
+        return self.compute_task_loss(y, y_pred, features.query_losses + losses), y_pred
 
     def _task_setup(self, params, non_trainable, task, support_training, query_training):
         body_params, head_params, body_nt, head_nt = self._partition(params, non_trainable)
@@ -291,7 +297,7 @@ class ANIL(MetaLearner):
         )
         # Adapt on support (the head, on the support features).
         fast = self.adapt_head(
-            head_params, head_nt, features[0], task["support_y"], features[1],
+            head_params, head_nt, features.support, task["support_y"], features.support_losses,
             self.inner_steps, True, create_graph=not self.first_order,
         )
         # Outer loss on query.
@@ -349,7 +355,7 @@ class ANIL(MetaLearner):
             head_params, head_nt, features, task["query_y"], query_training
         )
         fast = self.adapt_head(
-            head_params, head_nt, features[0], task["support_y"], features[1],
+            head_params, head_nt, features.support, task["support_y"], features.support_losses,
             steps, support_training, create_graph=False,
         )
         loss, y_pred = self._head_query_loss(
@@ -363,11 +369,11 @@ class ANIL(MetaLearner):
             params, non_trainable, task, support_training, query_training
         )
         fast = self.adapt_head(
-            head_params, head_nt, features[0], task["support_y"], features[1],
+            head_params, head_nt, features.support, task["support_y"], features.support_losses,
             steps, support_training, create_graph=False,
         )
         y_pred, _ = self.head_query_outputs(
-            fast, head_nt, features[0], features[2], query_training
+            fast, head_nt, features.support, features.query, query_training
         )
         return {"predictions": y_pred}
 
@@ -384,7 +390,7 @@ class ANIL(MetaLearner):
             losses, predictions = [], []
             for previous, current in zip((0,) + steps[:-1], steps):
                 fast = self.adapt_head(
-                    fast, head_nt, features[0], task["support_y"], features[1],
+                    fast, head_nt, features.support, task["support_y"], features.support_losses,
                     current - previous, support_training, create_graph=False,
                 )
                 loss, y_pred = self._head_query_loss(
