@@ -33,7 +33,7 @@ class MAML(MetaLearner):
         transductive_batch_norm: BatchNorm with each batch's own statistics
             (default, as the reference MAML), or `False`: query normalised
             with the support moments at the adapted weights.
-        task_execution: `"vectorized"` or `"sequential"`.
+        task_execution: `"auto"` (default), `"vectorized"` or `"sequential"`.
 
     Example:
 
@@ -62,7 +62,7 @@ class MAML(MetaLearner):
         eval_inner_steps=None,
         inner_learning_rate_scaling=None,
         transductive_batch_norm=True,
-        task_execution="vectorized",
+        task_execution="auto",
         **kwargs,
     ):
         super().__init__(
