@@ -35,7 +35,7 @@ LEARNERS = {
         model, head=1, inner_learning_rate=0.3, inner_steps=2, first_order=True,
         head_l2_regularization=0.1, transductive_batch_norm=False, task_execution="sequential"),
     "imaml": lambda model: km.IMAML(model, inner_learning_rate=0.3, inner_steps=3, cg_iterations=3,
-                                    eval_inner_steps=4),
+                                    eval_inner_steps=4, task_execution="vectorized"),
     "imaml_official_support_bn": lambda model: km.IMAML(  # iMAML
         model, inner_learning_rate=0.1, inner_steps=2, cg_iterations=2, cg_damping=1.0,
         cg_l2_damping=10.0, proximal_pull_back=True, eval_l2_regularization=0.0,

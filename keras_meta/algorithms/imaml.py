@@ -73,9 +73,11 @@ class IMAML(MetaLearner):
         transductive_batch_norm: BatchNorm with each batch's own statistics
             (default, as the official iMAML), or `False`: query normalised
             with the support moments at the adapted weights.
-        task_execution: `"vectorized"` or `"sequential"`. Sequential tasks
-            let CG exit its loop early; vectorized ones run `cg_iterations`
-            iterations with converged iterates frozen (same result).
+        task_execution: `"auto"` (default: sequential for convolutional
+            networks, vectorized otherwise), `"vectorized"` or `"sequential"`.
+            Sequential tasks let CG exit its loop early; vectorized ones run
+            `cg_iterations` iterations with converged iterates frozen (the
+            same result).
         hvp_method: `"reverse_over_reverse"` (default, double backward) or
             `"forward_over_reverse"`; see
             `keras_meta.linalg.hessian_vector_product_fn`.
@@ -114,7 +116,7 @@ class IMAML(MetaLearner):
         eval_l2_regularization=None,
         inner_learning_rate_scaling=None,
         transductive_batch_norm=True,
-        task_execution="vectorized",
+        task_execution="auto",
         hvp_method="reverse_over_reverse",
         **kwargs,
     ):
@@ -255,7 +257,7 @@ class IMAML(MetaLearner):
             query_gradient,
             self.cg_iterations,
             tolerance=self.cg_tolerance,
-            early_exit=self.task_execution == "sequential",
+            early_exit=self.resolved_task_execution == "sequential",
         )
 
     def task_train(self, params, non_trainable, task):
