@@ -33,6 +33,8 @@ flags.DEFINE_integer("warmup", 3, "Warm-up steps including the first.")
 flags.DEFINE_integer("inner_steps", None, "Override the bench's inner steps.")
 flags.DEFINE_string("task_execution", "auto", "keras_meta task execution (auto/vectorized/sequential).")
 flags.DEFINE_bool("jit_compile", False, "keras_meta with XLA.")
+flags.DEFINE_integer("steps_per_execution", 1, "keras_meta: meta-steps per train-function call "
+                     "(Keras' compile argument; amortises per-call overhead on tiny steps).")
 flags.DEFINE_string("json", None, "Append result rows (JSON lines) to this file.")
 flags.DEFINE_string("worker", None, "Internal: run one keras_meta bench in this process.")
 FLAGS = flags.FLAGS
@@ -118,7 +120,8 @@ def _learner(spec, km, keras):
     else:
         learner = km.IMAML(model, l2_regularization=spec.imaml_lam, cg_iterations=spec.cg_steps,
                            **common)
-    learner.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, jit_compile=FLAGS.jit_compile)
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, jit_compile=FLAGS.jit_compile,
+                    steps_per_execution=FLAGS.steps_per_execution)
     return learner
 
 
@@ -159,12 +162,13 @@ def worker(bench):
     learner.make_train_function()
     iterator = iter(dataset)
     step = lambda i: learner.train_function(iterator)  # noqa: E731
-    scale = 25 if spec.model == "mlp" else 1
+    scale = max(1, (25 if spec.model == "mlp" else 1) // FLAGS.steps_per_execution)
     result = common.run_timed(step, FLAGS.warmup, FLAGS.steps * scale,
                               sync=lambda logs: float(logs["loss"]))
-    rates = [1.0 / t for t in result["times"]]
+    rates = [FLAGS.steps_per_execution / t for t in result["times"]]
     record = {"bench": bench, "impl": "keras_meta",
-              "variant": learner.resolved_task_execution + ("+xla" if FLAGS.jit_compile else ""),
+              "variant": learner.resolved_task_execution + ("+xla" if FLAGS.jit_compile else "")
+              + (f"+spe{FLAGS.steps_per_execution}" if FLAGS.steps_per_execution > 1 else ""),
               "inner_steps": spec.inner_steps, "flops_per_step": flops_per_step(spec),
               "steps_per_s": {"min": min(rates), "median": sorted(rates)[len(rates) // 2],
                               "max": max(rates)},
@@ -177,7 +181,8 @@ def worker(bench):
 def _run_keras_meta(bench):
     args = [sys.executable, os.path.abspath(__file__), f"--worker={bench}", f"--steps={FLAGS.steps}",
             f"--warmup={FLAGS.warmup}", f"--task_execution={FLAGS.task_execution}",
-            f"--jit_compile={FLAGS.jit_compile}", f"--peers_dir={FLAGS.peers_dir}"]
+            f"--jit_compile={FLAGS.jit_compile}", f"--peers_dir={FLAGS.peers_dir}",
+            f"--steps_per_execution={FLAGS.steps_per_execution}"]
     if FLAGS.inner_steps:
         args.append(f"--inner_steps={FLAGS.inner_steps}")
     out = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
