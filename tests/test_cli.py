@@ -20,9 +20,15 @@ def _cli(*args, timeout=600):
                           capture_output=True, text=True)
 
 
-def test_sinusoid_run_writes_every_artifact(tmp_path):
+@pytest.mark.parametrize("algorithm", [
+    "fomaml",
+    pytest.param("maml", marks=pytest.mark.large),
+    pytest.param("anil", marks=pytest.mark.large),
+    pytest.param("imaml", marks=pytest.mark.large),
+])
+def test_sinusoid_run_writes_every_artifact(tmp_path, algorithm):
     out = tmp_path / "run"
-    result = _cli(*QUICK, f"--output_dir={out}", "--algorithm=fomaml")
+    result = _cli(*QUICK, f"--output_dir={out}", f"--algorithm={algorithm}")
     assert result.returncode == 0, result.stderr[-3000:]
     names = set(os.listdir(out))
     assert {"history.csv", "evaluation.json", "config.json", "learning_curves.png",
@@ -35,7 +41,7 @@ def test_sinusoid_run_writes_every_artifact(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["0", "1"]
     assert "meta_val_loss" in rows[0] and "adaptation_loss_step_3" in rows[0]
-    assert json.loads((out / "config.json").read_text())["algorithm"] == "fomaml"
+    assert json.loads((out / "config.json").read_text())["algorithm"] == algorithm
     assert "Held-out tasks after 3 inner steps: loss" in result.stdout
 
 
