@@ -45,8 +45,8 @@ flags.DEFINE_float("inner_learning_rate", 0.4,
 flags.DEFINE_integer("inner_steps", 1, "Inner steps during meta-training.")
 flags.DEFINE_integer("eval_inner_steps", 10, "Inner steps at test time.")
 flags.DEFINE_bool("first_order", False, "First-order MAML.")
-flags.DEFINE_enum("task_execution", "sequential", ["sequential", "vectorized"],
-                  "How the tasks of a meta-batch run (sequential is faster for conv4 on CPU).")
+flags.DEFINE_enum("task_execution", "auto", ["auto", "sequential", "vectorized"],
+                  "How the tasks of a meta-batch run (`auto`: sequential for conv4).")
 flags.DEFINE_float("meta_learning_rate", 1e-3, "Adam learning rate of the meta-update.")
 flags.DEFINE_integer("eval_tasks", 600, "Test-class tasks in the final report.")
 flags.DEFINE_integer("eval_batch_size", 50, "Tasks per evaluation meta-batch.")
