@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_meta.validation import check_positive_int
+
 
 def mlp(
     hidden_units=(40, 40),
@@ -33,6 +35,8 @@ def mlp(
     >>> model.count_params()
     1761
     """
+    hidden_units = [check_positive_int("hidden_units", units) for units in hidden_units]
+    output_units = check_positive_int("output_units", output_units)
     layers = [keras.Input(shape=input_shape, dtype=dtype)]
     for i, units in enumerate(hidden_units):
         layers.append(
@@ -106,8 +110,8 @@ def conv4(
             "`downsampling` must be one of ['strided', 'max_pool']. "
             f"Received: downsampling={downsampling!r}"
         )
-    if isinstance(n_way, bool) or not isinstance(n_way, int) or n_way < 1:
-        raise ValueError(f"`n_way` must be a positive integer. Received: n_way={n_way!r}")
+    n_way = check_positive_int("n_way", n_way)
+    filters = check_positive_int("filters", filters)
     inputs = keras.Input(shape=input_shape, dtype=dtype)
     h = inputs
     for block in range(4):
