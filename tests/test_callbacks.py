@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import keras_meta as km
 from tests import helpers
-from tests.test_conformance import LEARNERS
+from tests.test_conformance import ALGORITHMS, LEARNERS
 
 
 def _sce():
@@ -130,7 +130,7 @@ def test_derivative_order_annealing_argument_check():
         km.callbacks.DerivativeOrderAnnealing(-1)
 
 
-@pytest.mark.parametrize("name", sorted(LEARNERS))
+@pytest.mark.parametrize("name", ALGORITHMS)
 def test_keras_callbacks_work_with_every_learner(name, tmp_path):
     learner = _learner(name)
     evaluation = km.callbacks.MetaEvaluation(_episodes(100), num_episodes=4, prefix="meta_val")

@@ -43,6 +43,10 @@ LEARNERS = {
         task_execution="sequential"),
 }
 
+# One learner per algorithm (MAML second and first order, ANIL, iMAML): the
+# expensive suites (Keras callbacks, adapt-at-serving export) run on these.
+ALGORITHMS = ("maml", "fomaml", "anil", "imaml")
+
 
 @pytest.fixture(params=sorted(LEARNERS))
 def learner(request):

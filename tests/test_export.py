@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import keras_meta as km
 from tests import helpers
-from tests.test_conformance import LEARNERS
+from tests.test_conformance import ALGORITHMS, LEARNERS
 
 SERVE = """
 import sys, numpy as np
@@ -45,7 +45,7 @@ def _serve(paths):
 
 def test_adaptive_savedmodel_matches_learner_predict_for_every_learner(tmp_path):
     paths, expected = [], []
-    for i, name in enumerate(sorted(LEARNERS)):
+    for i, name in enumerate(ALGORITHMS):
         learner = LEARNERS[name](helpers.small_convnet(seed=i))
         learner.compile(optimizer=keras.optimizers.Adam(1e-2),
                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
