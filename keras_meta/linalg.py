@@ -16,18 +16,23 @@ import tensorflow as tf
 
 HVP_METHODS = ("reverse_over_reverse", "forward_over_reverse")
 
+NEGATIVE_CURVATURE = ("ignore", "stop")
+
 ConjugateGradientResult = collections.namedtuple(
-    "ConjugateGradientResult", ["solution", "iterations", "residual"]
+    "ConjugateGradientResult", ["solution", "iterations", "residual", "negative_curvature"]
 )
 ConjugateGradientResult.__doc__ = """What `conjugate_gradient` returns.
 
 Fields:
     solution: the approximate solution, a nest with the structure of `b`.
-    iterations: int32 scalar tensor, the iterations performed (each costs
-        one `matvec`); fewer than `max_iterations` when the tolerance was met.
-    residual: scalar tensor, the final relative residual `||r|| / ||b||`
-        (0 when `b` is 0), with `r` the conjugate-gradient recurrence's
-        residual, which equals `b - A x` in exact arithmetic.
+    iterations: int32 scalar tensor, the iterations taken (each costs one
+        `matvec`); fewer than `max_iterations` when the tolerance was met or
+        the iteration stopped at negative curvature.
+    residual: scalar tensor, the relative residual `||r|| / ||b||` of the
+        last iterate (0 when `b` is 0), with `r` the conjugate-gradient
+        recurrence's residual, which equals `b - A x` in exact arithmetic.
+    negative_curvature: bool scalar tensor, whether a search direction `p`
+        with `p . A p <= 0` was met, i.e. `A` is not positive definite.
 """
 
 
@@ -42,7 +47,13 @@ def _axpy(alpha, x, y):
 
 
 def conjugate_gradient(
-    matvec, b, max_iterations, tolerance=1e-5, initial=None, early_exit=True
+    matvec,
+    b,
+    max_iterations,
+    tolerance=1e-5,
+    initial=None,
+    early_exit=True,
+    negative_curvature="ignore",
 ):
     """Solves `A x = b` by conjugate gradient, keeping the structure of `b`.
 
@@ -55,8 +66,18 @@ def conjugate_gradient(
 
     The loop is a `tf.while_loop`, so the graph does not grow with
     `max_iterations`, and it runs eagerly, in `tf.function`, under XLA and in
-    `tf.vectorized_map`. Once converged, the iterates are frozen (masked), so
+    `tf.vectorized_map`. Once stopped, the iterates are frozen (masked), so
     the result is the same whether the loop exits early or runs on.
+
+    When `A` is not positive definite, CG may meet a direction `p` with
+    `p . A p <= 0`; its step is then meaningless (for `p . A p < 0` it goes
+    uphill on the quadratic `x . A x / 2 - b . x`). `negative_curvature`
+    says what to do: `"ignore"` carries on (plain CG; the result reports that
+    it happened), `"stop"` truncates there as Newton-CG does (Nocedal and
+    Wright, Algorithm 7.1): the solution is the last iterate, or, if the
+    very first direction has negative curvature, `initial + r0` (`b` from
+    zero: the steepest-descent direction of the quadratic). With a
+    positive-definite `A` both give plain CG's result.
 
     Args:
         matvec: callable mapping a nest like `b` to `A` applied to it.
@@ -68,12 +89,14 @@ def conjugate_gradient(
             one `matvec`).
         early_exit: `True` stops the loop once the tolerance is met (a
             data-dependent loop condition). `False` always runs
-            `max_iterations` iterations, frozen once converged: needed inside
+            `max_iterations` iterations, frozen once stopped: needed inside
             `tf.vectorized_map` under XLA, which cannot compile a vectorized
             loop with a data-dependent condition.
+        negative_curvature: `"ignore"` (plain CG) or `"stop"` (see above).
 
     Returns:
-        A `ConjugateGradientResult(solution, iterations, residual)`.
+        A `ConjugateGradientResult(solution, iterations, residual,
+        negative_curvature)`.
 
     Example:
 
@@ -86,7 +109,8 @@ def conjugate_gradient(
 
     Reference:
         - [Hestenes and Stiefel, 1952](https://doi.org/10.6028/jres.049.044)
-        - J. Nocedal and S. Wright, Numerical Optimization, Algorithm 5.2.
+        - J. Nocedal and S. Wright, Numerical Optimization, Algorithms 5.2
+          and 7.1.
     """
     if isinstance(max_iterations, bool) or (
         isinstance(max_iterations, int) and max_iterations < 0
@@ -103,6 +127,12 @@ def conjugate_gradient(
         raise ValueError(
             f"`tolerance` must be a non-negative number. Received: tolerance={tolerance!r}"
         )
+    if negative_curvature not in NEGATIVE_CURVATURE:
+        raise ValueError(
+            f"`negative_curvature` must be one of {list(NEGATIVE_CURVATURE)}. "
+            f"Received: negative_curvature={negative_curvature!r}"
+        )
+    stop_on_negative = negative_curvature == "stop"
     structure = b
     b = [tf.convert_to_tensor(t) for t in tf.nest.flatten(b)]
     if not b:
@@ -136,18 +166,21 @@ def conjugate_gradient(
     threshold_sq = tf.cast(tolerance, dtype) ** 2 * b_norm_sq
     rs = _vdot(r, r, dtype)
 
-    def active(rs):
-        return rs > threshold_sq
-
-    def cond(i, x, r, p, rs):
+    def cond(i, x, r, p, rs, stopped, negative):
         if not early_exit:
             return True  # `maximum_iterations` bounds the loop
-        return active(rs)
+        return (rs > threshold_sq) & tf.logical_not(stopped)
 
-    def body(i, x, r, p, rs):
-        running = active(rs)
+    def body(i, x, r, p, rs, stopped, negative):
         ap = apply(p)
-        alpha = tf.math.divide_no_nan(rs, _vdot(p, ap, dtype))
+        curvature = _vdot(p, ap, dtype)
+        is_negative = (curvature <= 0) & (rs > 0)
+        running = (rs > threshold_sq) & tf.logical_not(stopped)
+        negative = negative | (running & is_negative)
+        if stop_on_negative:
+            stopped = stopped | (running & is_negative)
+            running = running & tf.logical_not(is_negative)
+        alpha = tf.math.divide_no_nan(rs, curvature)
         new_x = _axpy(alpha, p, x)
         new_r = _axpy(-alpha, ap, r)
         new_rs = _vdot(new_r, new_r, dtype)
@@ -163,16 +196,24 @@ def conjugate_gradient(
             keep(new_r, r),
             keep(new_p, p),
             tf.where(running, new_rs, rs),
+            stopped,
+            negative,
         )
 
-    iterations, x, _, _, rs = tf.while_loop(
+    false = tf.constant(False)
+    iterations, x, r, _, rs, stopped, negative = tf.while_loop(
         cond,
         body,
-        (tf.constant(0, tf.int32), x, r, list(r), rs),
+        (tf.constant(0, tf.int32), x, r, list(r), rs, false, false),
         maximum_iterations=max_iterations,
     )
+    if stop_on_negative:
+        # Negative curvature along the first direction: the steepest-descent
+        # direction of the quadratic, r0 (Newton-CG's fallback).
+        first = stopped & tf.equal(iterations, 0)
+        x = [tf.where(first, t + u, t) for t, u in zip(x, r)]
     residual = tf.sqrt(tf.math.divide_no_nan(rs, b_norm_sq))
-    return ConjugateGradientResult(pack(x), iterations, residual)
+    return ConjugateGradientResult(pack(x), iterations, residual, negative)
 
 
 def hessian_vector_product_fn(loss_fn, params, method="reverse_over_reverse"):

@@ -154,6 +154,7 @@ def test_cg_diagnostics_are_logged(float64):
         logs = imaml.train_on_batch(episode, return_dict=True)
         assert logs["cg_iterations"] == 3.0
         assert 0.0 <= logs["cg_residual"] <= 1e-10
+        assert logs["cg_negative_curvature"] == 0.0
     # One iteration on a network: not converged, and it says so.
     imaml = compile_sgd(km.IMAML(helpers.tanh_mlp(features=3), inner_learning_rate=0.1, inner_steps=3,
                                  cg_iterations=1))
@@ -161,6 +162,40 @@ def test_cg_diagnostics_are_logged(float64):
                         verbose=0)
     assert history.history["cg_iterations"] == [1.0, 1.0]
     assert all(0.01 < r < 1.0 for r in history.history["cg_residual"])
+
+
+def test_negative_curvature_stops_cg_or_is_ignored(float64):
+    """A concave support loss (-MSE): the operator I - A / lam is negative definite.
+
+    Plain CG still solves it; "stop" falls back to the query gradient."""
+    episode = helpers.regression_episode(meta_batch=2, k=6, q=5, features=3, seed=11)
+    lam = 0.2
+
+    def loss(y_true, y_pred):
+        return -keras.losses.mean_squared_error(y_true, y_pred)
+
+    grads = {}
+    for mode in ("ignore", "stop"):
+        imaml = km.IMAML(linear_model(3), inner_learning_rate=0.01, inner_steps=2, l2_regularization=lam,
+                         cg_iterations=3, cg_tolerance=1e-14, cg_negative_curvature=mode)
+        imaml.compile(optimizer=keras.optimizers.SGD(1.0), loss=loss)
+        params, non_trainable = imaml._meta_state()
+        theta = np.array(params[0])
+        expected = []
+        for t, task in enumerate(tasks_of(episode)):
+            # Nothing exact to compare phi with here: take the learner's own phi.
+            fast = np.array(imaml.inner_solve(params, non_trainable, tf.constant(task["support_x"]),
+                                              tf.constant(task["support_y"]), 2, lam, True)[0])
+            _, a = least_squares_parts(task["support_x"], task["support_y"], fast)
+            g = -least_squares_parts(task["query_x"], task["query_y"], fast)[0]
+            assert np.linalg.eigvalsh(np.eye(3) - a / lam).max() < 0
+            expected.append(np.linalg.solve(np.eye(3) - a / lam, g) if mode == "ignore" else g)
+        before = theta
+        logs = imaml.train_on_batch(episode, return_dict=True)
+        grads[mode] = before - np.array(imaml.model.layers[0].kernel)
+        assert logs["cg_negative_curvature"] == 1.0
+        assert logs["cg_iterations"] == (3.0 if mode == "ignore" else 0.0)
+        assert relative_error(grads[mode], np.mean(expected, axis=0)) <= 1e-10
 
 
 # ----------------------------------------------------------------------
@@ -475,6 +510,7 @@ def test_get_inner_optimizer_errors():
 def test_config_holds_every_argument_and_round_trips_through_json():
     imaml = km.IMAML(helpers.tanh_mlp(), inner_learning_rate=0.2, inner_steps=7, l2_regularization=0.5,
                      cg_iterations=9, cg_damping=1.0, cg_l2_damping=10.0, cg_tolerance=1e-7,
+                     cg_negative_curvature="ignore",
                      inner_optimizer={"name": "momentum", "momentum": 0.5}, proximal_pull_back=True,
                      eval_inner_steps=16, eval_l2_regularization=0.0,
                      inner_learning_rate_scaling="inverse_steps", transductive_batch_norm=False,
@@ -495,6 +531,8 @@ def test_config_holds_every_argument_and_round_trips_through_json():
     ({"cg_damping": -1.0}, r"`cg_damping` must be a non-negative number. Received: cg_damping=-1.0"),
     ({"cg_l2_damping": "10"}, r"`cg_l2_damping` must be a non-negative number. Received: cg_l2_damping='10'"),
     ({"cg_tolerance": -1e-3}, r"`cg_tolerance` must be a non-negative number. Received: cg_tolerance=-0.001"),
+    ({"cg_negative_curvature": "skip"},
+     r"`cg_negative_curvature` must be one of \['ignore', 'stop'\]. Received: cg_negative_curvature='skip'"),
     ({"eval_l2_regularization": -2.0},
      r"`eval_l2_regularization` must be a non-negative number. Received: eval_l2_regularization=-2.0"),
     ({"inner_optimizer": "rmsprop"},

@@ -142,6 +142,47 @@ def test_cg_initial_guess_and_zero_right_hand_side():
     np.testing.assert_array_equal(zero.solution, np.zeros(6))
 
 
+def indefinite(n, seed, negative):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    eigenvalues = np.concatenate([-np.geomspace(0.5, 2.0, negative), np.geomspace(1.0, 5.0, n - negative)])
+    return (q * eigenvalues) @ q.T
+
+
+def test_cg_reports_and_optionally_stops_at_negative_curvature():
+    # Positive definite: no negative curvature, "stop" is plain CG.
+    a = random_spd(8, seed=1)
+    b = tf.constant(np.random.default_rng(2).normal(size=8))
+    plain = linalg.conjugate_gradient(dense_matvec(a), b, 20, tolerance=1e-12)
+    stop = linalg.conjugate_gradient(dense_matvec(a), b, 20, tolerance=1e-12, negative_curvature="stop")
+    assert not bool(plain.negative_curvature) and not bool(stop.negative_curvature)
+    np.testing.assert_array_equal(plain.solution, stop.solution)
+    # Indefinite: a direction p with p.Ap <= 0 shows up within n iterations.
+    a = indefinite(8, seed=3, negative=3)
+    b_np = np.random.default_rng(4).normal(size=8)
+    ignored = linalg.conjugate_gradient(dense_matvec(a), tf.constant(b_np), 8, tolerance=0.0)
+    assert bool(ignored.negative_curvature)
+    stopped = linalg.conjugate_gradient(dense_matvec(a), tf.constant(b_np), 8, tolerance=0.0,
+                                        negative_curvature="stop")
+    assert bool(stopped.negative_curvature) and int(stopped.iterations) < 8
+    # The truncated solution is plain CG's iterate where the stop happened.
+    k = int(stopped.iterations)
+    if k:
+        same = linalg.conjugate_gradient(dense_matvec(a), tf.constant(b_np), k, tolerance=0.0)
+        np.testing.assert_allclose(stopped.solution, same.solution, rtol=1e-12)
+    # Negative curvature along b itself: "stop" returns b (steepest descent).
+    a = -random_spd(5, seed=5)
+    b = tf.constant(np.random.default_rng(6).normal(size=5))
+    result = linalg.conjugate_gradient(dense_matvec(a), b, 5, negative_curvature="stop")
+    assert int(result.iterations) == 0 and bool(result.negative_curvature)
+    np.testing.assert_array_equal(result.solution, b)
+    # ... also inside tf.function and XLA.
+    for compiled in (tf.function, lambda f: tf.function(f, jit_compile=True)):
+        got = compiled(lambda b: linalg.conjugate_gradient(
+            dense_matvec(a), b, 5, negative_curvature="stop", early_exit=False).solution)(b)
+        np.testing.assert_array_equal(got, b)
+
+
 def test_cg_errors_name_the_argument():
     matvec = dense_matvec(np.eye(2))
     b = tf.ones(2, tf.float64)
@@ -153,6 +194,8 @@ def test_cg_errors_name_the_argument():
         linalg.conjugate_gradient(matvec, tf.ones(2, tf.int32), 2)
     with pytest.raises(ValueError, match=r"`matvec` must return a nest with the structure of `b` \(2 tensors\)"):
         linalg.conjugate_gradient(lambda x: x[0], [b, b], 2)
+    with pytest.raises(ValueError, match=r"`negative_curvature` must be one of \['ignore', 'stop'\]. Received: negative_curvature='skip'"):
+        linalg.conjugate_gradient(matvec, b, 2, negative_curvature="skip")
     with pytest.raises(ValueError, match=r"`b` must hold at least one tensor"):
         linalg.conjugate_gradient(matvec, [], 2)
 

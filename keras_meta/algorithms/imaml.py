@@ -32,9 +32,11 @@ class IMAML(MetaLearner):
 
     The training logs carry, averaged over the meta-batch, `cg_iterations`
     (iterations used; fewer than the maximum once the relative residual fell
-    below `cg_tolerance`) and `cg_residual` (the final relative residual
-    `||g - A v|| / ||g||`), so that one can see whether the linear solve
-    converged.
+    below `cg_tolerance` or CG stopped at negative curvature),
+    `cg_residual` (the final relative residual `||g - A v|| / ||g||`) and
+    `cg_negative_curvature` (the fraction of tasks whose operator showed a
+    direction of non-positive curvature, i.e. was not positive definite),
+    so that one can see whether the linear solve converged.
 
     Args:
         model: a built `keras.Model`; its trainable weights are the
@@ -52,6 +54,16 @@ class IMAML(MetaLearner):
         cg_l2_damping: `delta >= 0` added to lambda in the operator; the
             official code hard-codes 10 (`lam_damping`).
         cg_tolerance: relative residual at which CG stops early.
+        cg_negative_curvature: `"stop"` (default) or `"ignore"`. The paper's
+            operator is positive definite when the inner problem is strongly
+            convex at phi*; with deep networks it often is not (support-loss
+            Hessian eigenvalues below -lambda), and a plain CG step along a
+            direction of negative curvature can point uphill. `"stop"`
+            truncates CG there (Newton-CG's rule: keep the last iterate, or
+            the query gradient itself if the first direction already has
+            negative curvature); `"ignore"` runs plain CG. Both are the same
+            whenever the operator is positive definite. See
+            `keras_meta.linalg.conjugate_gradient`.
         inner_optimizer: `"sgd"` (default), `"momentum"`, `"adam"`, or a
             dict `{"name": ..., **kwargs}` (e.g.
             `{"name": "momentum", "momentum": 0.5}`); see
@@ -98,7 +110,7 @@ class IMAML(MetaLearner):
         - [Rajeswaran, Finn, Kakade, Levine, 2019](https://arxiv.org/abs/1909.04630)
     """
 
-    extra_train_outputs = ("cg_iterations", "cg_residual")
+    extra_train_outputs = ("cg_iterations", "cg_residual", "cg_negative_curvature")
 
     def __init__(
         self,
@@ -110,6 +122,7 @@ class IMAML(MetaLearner):
         cg_damping=0.0,
         cg_l2_damping=0.0,
         cg_tolerance=1e-5,
+        cg_negative_curvature="stop",
         inner_optimizer="sgd",
         proximal_pull_back=False,
         eval_inner_steps=None,
@@ -135,6 +148,9 @@ class IMAML(MetaLearner):
         self.cg_damping = _check_non_negative("cg_damping", cg_damping)
         self.cg_l2_damping = _check_non_negative("cg_l2_damping", cg_l2_damping)
         self.cg_tolerance = _check_non_negative("cg_tolerance", cg_tolerance)
+        self.cg_negative_curvature = check_choice(
+            "cg_negative_curvature", cg_negative_curvature, linalg.NEGATIVE_CURVATURE
+        )
         try:
             inner_loop.get_inner_optimizer(inner_optimizer, 1.0)
         except ValueError as error:
@@ -258,6 +274,7 @@ class IMAML(MetaLearner):
             self.cg_iterations,
             tolerance=self.cg_tolerance,
             early_exit=self.resolved_task_execution == "sequential",
+            negative_curvature=self.cg_negative_curvature,
         )
 
     def task_train(self, params, non_trainable, task):
@@ -286,6 +303,7 @@ class IMAML(MetaLearner):
             "predictions": y_pred,
             "cg_iterations": solve.iterations,
             "cg_residual": solve.residual,
+            "cg_negative_curvature": solve.negative_curvature,
         }
 
     # ------------------------------------------------------------------
@@ -328,6 +346,7 @@ class IMAML(MetaLearner):
                 "cg_damping": self.cg_damping,
                 "cg_l2_damping": self.cg_l2_damping,
                 "cg_tolerance": self.cg_tolerance,
+                "cg_negative_curvature": self.cg_negative_curvature,
                 "inner_optimizer": self.inner_optimizer,
                 "proximal_pull_back": self.proximal_pull_back,
                 "eval_l2_regularization": self.eval_l2_regularization,
