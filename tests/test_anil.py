@@ -560,6 +560,8 @@ def test_config_carries_every_argument():
         "task_execution": "sequential"}
     clone = km.ANIL.from_config(config)
     assert clone.get_config() == config
+    # "auto" stays vectorized for convolutional bodies (unlike MAML).
+    assert km.ANIL(helpers.small_convnet(), task_execution="auto").resolved_task_execution == "vectorized"
     assert keras.saving.get_registered_name(km.ANIL) == "keras_meta>ANIL"
 
 

@@ -84,7 +84,13 @@ class ANIL(MetaLearner):
         inner_learning_rate_scaling: `None` or `"inverse_steps"` (step size
             `inner_learning_rate / inner_steps`).
         transductive_batch_norm: as in `km.MAML`.
-        task_execution: `"vectorized"` or `"sequential"`.
+        task_execution: `"vectorized"` (default: the tasks' bodies run as
+            one batched computation and the body's meta-gradient is one
+            backward pass over the meta-batch), `"sequential"` (task by task,
+            per-task gradients, one task's activations in memory at a time),
+            or `"auto"` (= `"vectorized"` for ANIL, convolutional bodies
+            included: the per-task filter gradients that make MAML prefer
+            `"sequential"` do not arise).
 
     Example:
 
@@ -179,6 +185,13 @@ class ANIL(MetaLearner):
             for position, value in zip(_positions(self.model, part, True), values):
                 merged[position] = value
         return merged
+
+    def _auto_task_execution(self):
+        # The body's weights are shared by all tasks: vectorized execution
+        # batches its convolutions and takes one batched gradient (see
+        # `train_step`), so it does not hit the per-task filter gradients
+        # that make MAML prefer "sequential" for convolutional networks.
+        return "vectorized"
 
     def _support_statistics(self):
         """Whether the query set is normalised with support moments."""
@@ -314,7 +327,7 @@ class ANIL(MetaLearner):
         return {"gradients": gradients, "loss": loss, "predictions": y_pred}
 
     def train_step(self, data):
-        if self.task_execution != "vectorized":
+        if self.resolved_task_execution != "vectorized":
             return super().train_step(data)  # per-task gradients, low memory
         # Vectorized: the body's weights are shared by every task, so its
         # gradient is one backward pass over the whole meta-batch. Taking
