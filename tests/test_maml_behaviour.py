@@ -44,8 +44,12 @@ def test_train_step_changes_only_trainable_weights():
         np.testing.assert_array_equal(b, np.array(a))
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("task_execution", ["vectorized", "sequential"])
+@pytest.mark.parametrize("first_order, task_execution", [
+    (False, "sequential"),
+    (True, "vectorized"),
+    pytest.param(False, "vectorized", marks=pytest.mark.large),  # the conformance suite
+    pytest.param(True, "sequential", marks=pytest.mark.large),   # covers these too
+])
 def test_eager_function_and_xla_train_steps_agree(first_order, task_execution):
     episode = helpers.classification_episode(meta_batch=3, dtype="float32", seed=3)
     results = {}
