@@ -18,7 +18,7 @@ import keras  # noqa: E402  (after keras_meta, which selects TensorFlow)
 import numpy as np  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("meta_steps", 20000, "Meta-training steps (meta-batches).")
+flags.DEFINE_integer("meta_steps", 15000, "Meta-training steps (meta-batches).")
 flags.DEFINE_integer("k_shot", 10, "Support points per task.")
 flags.DEFINE_integer("meta_batch_size", 25, "Tasks per meta-batch.")
 flags.DEFINE_float("inner_learning_rate", 0.01, "Inner-loop step size.")
