@@ -231,10 +231,10 @@ def hessian_vector_product_fn(loss_fn, params, method="reverse_over_reverse"):
       derivatives by transposing backward functions).
 
     Each product runs the forward and the first backward pass again. On
-    keras_meta's conv4 (5-way 1-shot support sets, CPU, no XLA) a 5-iteration
-    CG solve took 1.04-1.2x as long with forward-over-reverse, whose trace was
-    also up to twice as long, hence the default (numbers and command in
-    `docs/imaml.md`; under XLA on CPU forward-over-reverse was the faster).
+    keras_meta's conv4 (5-way 1-shot support sets, CPU, no XLA) single
+    products cost the same, but a 5-iteration CG solve took 1.09-1.10x as
+    long with forward-over-reverse, whose trace was also up to 2.5x as long,
+    hence the default (numbers and command in `docs/imaml.md`).
 
     Args:
         loss_fn: callable taking `params` (a nest of tensors) and returning a
