@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 
-def gradient_descent(loss_fn, params, steps, learning_rate, create_graph=True):
+def gradient_descent(loss_fn, params, steps, learning_rate, create_graph=True, unroll=True):
     """Runs `steps` steps of plain gradient descent from `params`.
 
     Each step computes `params <- params - learning_rate * grad loss_fn(params)`
@@ -32,6 +32,12 @@ def gradient_descent(loss_fn, params, steps, learning_rate, create_graph=True):
         steps: Python int, number of gradient steps (0 returns `params`).
         learning_rate: float or scalar tensor, the step size.
         create_graph: whether the updates stay differentiable.
+        unroll: with `False`, and when tracing a graph, the steps run in one
+            `tf.while_loop` (differentiable: its gradient replays the steps
+            backwards, second order included) instead of `steps` copies of
+            the step in the graph. Same result; tracing time and graph memory
+            no longer grow with `steps` (conv4 MAML, 40 inner steps: first
+            step 12 s instead of 133 s). Eager execution always unrolls.
 
     Returns:
         The list of adapted tensors, in the order of `params`.
@@ -44,7 +50,8 @@ def gradient_descent(loss_fn, params, steps, learning_rate, create_graph=True):
     <tf.Tensor: shape=(), dtype=float32, numpy=1.5>
     """
     params = list(params)
-    for _ in range(steps):
+
+    def step(params):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(params)
             loss = loss_fn(params)
@@ -53,8 +60,19 @@ def gradient_descent(loss_fn, params, steps, learning_rate, create_graph=True):
         )
         if not create_graph:
             grads = [tf.stop_gradient(g) for g in grads]
-        params = [p - _as_dtype(learning_rate, p.dtype) * g for p, g in zip(params, grads)]
-    return params
+        return [p - _as_dtype(learning_rate, p.dtype) * g for p, g in zip(params, grads)]
+
+    if unroll or steps <= 1 or tf.executing_eagerly():
+        for _ in range(steps):
+            params = step(params)
+        return params
+    _, params = tf.while_loop(
+        lambda i, p: i < steps,
+        lambda i, p: (i + 1, step(p)),
+        (tf.constant(0), params),
+        maximum_iterations=steps,
+    )
+    return list(params)
 
 
 def _as_dtype(value, dtype):

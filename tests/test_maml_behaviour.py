@@ -98,6 +98,28 @@ def test_no_retracing_after_the_first_step():
     assert len(traces) == 1
 
 
+def _graph_nodes(concrete):
+    graph_def = concrete.graph.as_graph_def()
+    return len(graph_def.node) + sum(len(f.node_def) for f in graph_def.library.function)
+
+
+@pytest.mark.parametrize("task_execution,grows", [("sequential", False), ("vectorized", True)])
+def test_inner_loop_graph_size_and_steps(task_execution, grows):
+    """Task by task the inner steps are one `tf.while_loop`: the traced meta-step
+    has as many ops for 2 inner steps as for 12 (and gives the same gradient as
+    the unrolled steps: the BatchNorm finite-difference tests run this path)."""
+    sizes = []
+    for steps in (2, 12):
+        maml = km.MAML(helpers.small_convnet(), inner_learning_rate=0.1, inner_steps=steps,
+                       task_execution=task_execution)
+        maml.compile(optimizer="sgd", loss=_sce())
+        params, non_trainable = maml._meta_state()
+        task = {k: tf.constant(v[0]) for k, v in helpers.classification_episode(dtype="float32").items()}
+        concrete = tf.function(lambda: maml.task_train(params, non_trainable, task)["gradients"])
+        sizes.append(_graph_nodes(concrete.get_concrete_function()))
+    assert (sizes[1] > 2 * sizes[0]) == grows, sizes
+
+
 def test_predict_returns_one_row_per_query_example():
     maml = km.MAML(km.models.mlp(seed=0), inner_learning_rate=0.01)
     maml.compile(optimizer="adam", loss="mse")

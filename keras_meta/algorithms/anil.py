@@ -258,6 +258,7 @@ class ANIL(MetaLearner):
             steps=steps,
             learning_rate=self.step_size,
             create_graph=create_graph,
+            unroll=self._unroll_inner_loop,
         )
 
     def head_query_outputs(
