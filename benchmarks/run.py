@@ -9,11 +9,14 @@ compiled with Adam(1e-3) and its Keras train function.
     python benchmarks/run.py                              # keras_meta, B1-B5
     python benchmarks/run.py --bench=B2,B4 --peers=jax    # + the JAX reference
     python benchmarks/run.py --peers=jax,torch-func,learn2learn --json=out.jsonl
+    python benchmarks/run.py --bench=M1 --peers=jax,torch-func  # memory scan, 1..40 inner steps
 
 Peers run in their own venvs (`$PEERS_VENVS`, built by `../shared/bench/run_peers.sh`).
 The table: median meta-steps/s (min-max), first step s, peak RSS MB, achieved GFLOP/s
 (analytic FLOPs of one meta-step, see `flops_per_step`) next to this machine's
 measured float32 matmul peak, and the ratios to JAX and to the best PyTorch peer.
+M1 prints its own table: per inner-step count, the peak RSS during the timed steps,
+what one step adds over the RSS before it, and the whole-process peak.
 """
 
 import json
@@ -25,7 +28,9 @@ import time
 from absl import app, flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-flags.DEFINE_string("bench", "B1,B2,B3,B4,B5", "Benches (B1..B5).")
+flags.DEFINE_string("bench", "B1,B2,B3,B4,B5", "Benches (B1..B5, M1).")
+flags.DEFINE_string("m1_steps", "1,5,10,20,40", "M1: the inner steps scanned.")
+flags.DEFINE_string("algo", None, "Internal (M1 worker): maml or imaml.")
 flags.DEFINE_string("peers", "", "Peers to run too: jax, torch-func, learn2learn, higher, torchopt.")
 flags.DEFINE_string("peers_dir", os.path.join(HERE, "..", "..", "shared", "bench"), "The peer suite.")
 flags.DEFINE_integer("steps", 8, "Timed meta-steps per run (B1: x25).")
@@ -40,6 +45,9 @@ flags.DEFINE_string("worker", None, "Internal: run one keras_meta bench in this 
 FLAGS = flags.FLAGS
 
 TORCH_PEERS = ("torch-func", "learn2learn", "higher", "torchopt")
+# The benches each peer implements (PEERS.md).
+PEER_BENCHES = {"jax": "B1 B2 B3 B4 B5", "torch-func": "B1 B2 B3 B4 B5", "learn2learn": "B1 B2 B3 B4",
+                "higher": "B1 B2", "torchopt": "B5"}
 
 
 def _common():
@@ -147,7 +155,7 @@ def worker(bench):
 
     import keras_meta as km
 
-    spec = common.make_spec(bench, inner_steps=FLAGS.inner_steps)
+    spec = common.make_spec(bench, inner_steps=FLAGS.inner_steps, algo=FLAGS.algo)
     learner = _learner(spec, km, keras)
     _set_weights(learner, common.init_weights(spec), spec)
     batches = [dict(zip(("support_x", "support_y", "query_x", "query_y"), b))
@@ -166,7 +174,8 @@ def worker(bench):
     result = common.run_timed(step, FLAGS.warmup, FLAGS.steps * scale,
                               sync=lambda logs: float(logs["loss"]))
     rates = [FLAGS.steps_per_execution / t for t in result["times"]]
-    record = {"bench": bench, "impl": "keras_meta",
+    record = {"bench": bench, "impl": "keras_meta", "algo": spec.algo,
+              "pre_steps_rss_mb": result["pre_steps_rss_mb"], "idle_rss_mb": result["idle_rss_mb"],
               "variant": learner.resolved_task_execution + ("+xla" if FLAGS.jit_compile else "")
               + (f"+spe{FLAGS.steps_per_execution}" if FLAGS.steps_per_execution > 1 else ""),
               "inner_steps": spec.inner_steps, "flops_per_step": flops_per_step(spec),
@@ -178,13 +187,17 @@ def worker(bench):
     print("RESULT" + json.dumps(record, default=float))
 
 
-def _run_keras_meta(bench):
-    args = [sys.executable, os.path.abspath(__file__), f"--worker={bench}", f"--steps={FLAGS.steps}",
-            f"--warmup={FLAGS.warmup}", f"--task_execution={FLAGS.task_execution}",
+def _run_keras_meta(bench, algo=None, inner_steps=None):
+    inner_steps = inner_steps or FLAGS.inner_steps
+    steps, warmup = (min(FLAGS.steps, 3), 2) if bench == "M1" else (FLAGS.steps, FLAGS.warmup)
+    args = [sys.executable, os.path.abspath(__file__), f"--worker={bench}", f"--steps={steps}",
+            f"--warmup={warmup}", f"--task_execution={FLAGS.task_execution}",
             f"--jit_compile={FLAGS.jit_compile}", f"--peers_dir={FLAGS.peers_dir}",
             f"--steps_per_execution={FLAGS.steps_per_execution}"]
-    if FLAGS.inner_steps:
-        args.append(f"--inner_steps={FLAGS.inner_steps}")
+    if inner_steps:
+        args.append(f"--inner_steps={inner_steps}")
+    if algo:
+        args.append(f"--algo={algo}")
     out = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
     if not lines:
@@ -193,16 +206,22 @@ def _run_keras_meta(bench):
     return json.loads(lines[-1][6:])
 
 
-def _run_peer(peer, bench):
+def _run_peer(peer, bench, algo=None, inner_steps=None):
+    inner_steps = inner_steps or FLAGS.inner_steps
     venvs = os.environ.get("PEERS_VENVS", os.path.expanduser("~/.cache/keras-meta-peers"))
     python = os.path.join(venvs, "jax" if peer == "jax" else "torch", "bin", "python")
     if not os.path.exists(python):
         print(f"(peer {peer}: no venv at {python}; build it with run_peers.sh)", file=sys.stderr)
         return None
-    args = [python, "peers.py", "--peer", peer, "--bench", bench, "--steps", str(FLAGS.steps),
-            "--warmup", str(FLAGS.warmup)]
-    if FLAGS.inner_steps:
-        args += ["--inner-steps", str(FLAGS.inner_steps)]
+    steps, warmup = (min(FLAGS.steps, 3), 2) if bench == "M1" else (FLAGS.steps, FLAGS.warmup)
+    args = [python, "peers.py", "--peer", peer, "--bench", bench, "--steps", str(steps),
+            "--warmup", str(warmup)]
+    if inner_steps:
+        args += ["--inner-steps", str(inner_steps)]
+    if algo:
+        args += ["--algo", algo]
+    if peer == "torch-func":  # the faster mode per bench (PEERS.md)
+        args += ["--mode", "vmap" if bench in ("B1", "B5") else "loop"]
     out = subprocess.run(args, capture_output=True, text=True, cwd=os.path.abspath(FLAGS.peers_dir))
     for line in reversed(out.stdout.splitlines()):
         if line.startswith("{"):
@@ -218,13 +237,60 @@ def _median(record):
     return sps.get("median") if isinstance(sps, dict) else sps
 
 
+M1_PEERS = ("jax", "torch-func")  # the peers with both MAML and iMAML
+
+
+def run_m1(peers):
+    """PEERS.md M1: peak RSS of one meta-step, 2nd-order MAML vs iMAML, meta-batch 4."""
+    rows = []
+    for steps in [int(k) for k in FLAGS.m1_steps.split(",")]:
+        for algo in ("maml", "imaml"):
+            for impl in ["keras_meta"] + [p for p in peers if p in M1_PEERS]:
+                record = (_run_keras_meta("M1", algo, steps) if impl == "keras_meta"
+                          else _run_peer(impl, "M1", algo, steps))
+                if record:
+                    record.update(bench="M1", algo=algo, inner_steps=steps)
+                    rows.append(record)
+                    print(f"  M1 {impl} {algo} {steps}: step peak {record['step_peak_rss_mb']:.0f} MB",
+                          file=sys.stderr)
+    return rows
+
+
+def print_m1(rows):
+    """One row per inner-step count; cells: step peak / growth over pre-step RSS / process peak (MB)."""
+    columns = sorted({(r["impl"], r["algo"]) for r in rows}, key=lambda c: (c[0] != "keras_meta", c))
+    by = {(r["impl"], r["algo"], r["inner_steps"]): r for r in rows}
+    print("\nM1 (meta-batch 4): peak RSS during the timed steps / what a step adds over the RSS "
+          "before it / whole-process peak incl. tracing and compilation, MB")
+    print("| inner steps | " + " | ".join(f"{i} {a}" for i, a in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for steps in sorted({r["inner_steps"] for r in rows}):
+        cells = []
+        for impl, algo in columns:
+            r = by.get((impl, algo, steps))
+            cells.append("-" if r is None else
+                         f"{r['step_peak_rss_mb']:.0f} / +{r['step_peak_rss_mb'] - r['pre_steps_rss_mb']:.0f}"
+                         f" / {r['peak_rss_mb']:.0f}")
+        print(f"| {steps} | " + " | ".join(cells) + " |")
+    for impl, algo in columns:
+        series = sorted((r["inner_steps"], r["step_peak_rss_mb"]) for r in rows
+                        if r["impl"] == impl and r["algo"] == algo)
+        if len(series) > 1:
+            print(f"{impl} {algo}: step peak {series[0][1]:.0f} -> {series[-1][1]:.0f} MB from "
+                  f"{series[0][0]} to {series[-1][0]} inner steps "
+                  f"({100 * (series[-1][1] / series[0][1] - 1):+.1f}%)")
+
+
 def main(_):
     if FLAGS.worker:
         return worker(FLAGS.worker)
     peak = matmul_peak_gflops()
     rows = []
-    for bench in FLAGS.bench.split(","):
-        for impl in ["keras_meta"] + [p for p in FLAGS.peers.split(",") if p]:
+    benches = [b for b in FLAGS.bench.split(",") if b and b != "M1"]
+    peers = [p for p in FLAGS.peers.split(",") if p]
+    memory_rows = run_m1(peers) if "M1" in FLAGS.bench.split(",") else []
+    for bench in benches:
+        for impl in ["keras_meta"] + [p for p in peers if bench in PEER_BENCHES.get(p, "")]:
             record = _run_keras_meta(bench) if impl == "keras_meta" else _run_peer(impl, bench)
             if record:
                 record["bench"] = bench
@@ -234,7 +300,7 @@ def main(_):
     header = ("bench", "implementation", "steps/s median (min-max)", "first step s", "peak RSS MB",
               "GFLOP/s", "vs jax", "vs best torch")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for bench in FLAGS.bench.split(","):
+    for bench in benches:
         group = [r for r in rows if r["bench"] == bench]
         jax = next((_median(r) for r in group if r["impl"] == "jax"), None)
         torch = max((_median(r) for r in group if r["impl"] in TORCH_PEERS), default=None)
@@ -247,9 +313,11 @@ def main(_):
                   f"{r.get('peak_rss_mb', float('nan')):.0f} | {gflops} | "
                   f"{_median(r) / jax if jax else float('nan'):.2f} | "
                   f"{_median(r) / torch if torch else float('nan'):.2f} |")
+    if memory_rows:
+        print_m1(memory_rows)
     if FLAGS.json:
         with open(FLAGS.json, "a") as f:
-            for r in rows:
+            for r in rows + memory_rows:
                 f.write(json.dumps(r, default=float) + "\n")
 
 
