@@ -45,3 +45,14 @@ def _seed():
     keras.utils.set_random_seed(1234)
     np.random.seed(1234)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _auto_xla(request, monkeypatch):
+    """XLA compile time for every dense-network learner would cost minutes of
+    suite time: `jit_compile="auto"` keeps Keras' rule (no XLA on CPU) except
+    in tests marked `auto_xla`, which test keras_meta's rule itself."""
+    if "auto_xla" not in request.keywords:
+        from keras_meta.algorithms import base
+
+        monkeypatch.setattr(base, "AUTO_XLA_ON_CPU", False)

@@ -120,6 +120,27 @@ def test_inner_loop_graph_size_and_steps(task_execution, grows):
     assert (sizes[1] > 2 * sizes[0]) == grows, sizes
 
 
+@pytest.mark.auto_xla
+def test_auto_jit_compile_uses_xla_for_dense_networks_only():
+    """`jit_compile="auto"`: XLA for dense networks (faster on CPU, see
+    docs/performance.md), Keras' rule for conv nets; an explicit value wins."""
+    dense = km.MAML(km.models.mlp(seed=0), inner_learning_rate=0.01)
+    dense.compile(optimizer="adam", loss="mse")
+    assert dense.jit_compile is True
+    conv = km.MAML(helpers.small_convnet(), inner_learning_rate=0.1)
+    conv.compile(optimizer="sgd", loss=_sce())
+    assert conv.jit_compile is False
+    plain = km.MAML(km.models.mlp(seed=0), inner_learning_rate=0.01)
+    plain.compile(optimizer="adam", loss="mse", jit_compile=False)
+    assert plain.jit_compile is False
+    # The XLA step is the same step.
+    episode = next(iter(km.data.sinusoid(meta_batch_size=4, seed=0)))
+    for learner in (dense, plain):
+        learner.train_on_batch(episode)
+    for a, b in zip(helpers.weights_of(dense.model), helpers.weights_of(plain.model)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_predict_returns_one_row_per_query_example():
     maml = km.MAML(km.models.mlp(seed=0), inner_learning_rate=0.01)
     maml.compile(optimizer="adam", loss="mse")

@@ -12,6 +12,7 @@ outer update, metrics, evaluation, prediction, `adapt()` and serialization.
 import copy
 
 import keras
+import keras.src.trainers.trainer
 import numpy as np
 import tensorflow as tf
 
@@ -22,6 +23,10 @@ from keras_meta.validation import check_choice, check_positive_float, check_posi
 PREDICT_KEYS = ("support_x", "support_y", "query_x")
 TASK_EXECUTIONS = ("auto", "vectorized", "sequential")
 INNER_LEARNING_RATE_SCALINGS = (None, "inverse_steps")
+# Whether `compile(jit_compile="auto")` turns XLA on for networks without
+# convolutions on CPU-only machines (see `_resolve_auto_jit_compile`). The
+# test suite turns it off outside the tests of this rule, to save compile time.
+AUTO_XLA_ON_CPU = True
 
 
 class MetaLearner(keras.Model):
@@ -140,11 +145,28 @@ class MetaLearner(keras.Model):
         # faster task by task (TensorFlow's vectorization falls back to a loop
         # for per-task convolution filter gradients), the sinusoid MLP ~3x
         # faster vectorized.
-        convolutional = any(
+        return "sequential" if self._has_convolutions() else "vectorized"
+
+    def _has_convolutions(self):
+        return any(
             "Conv" in type(layer).__name__  # Conv1D/2D/3D, Depthwise, Separable...
             for layer in self.model._flatten_layers(include_self=False, recursive=True)
         )
-        return "sequential" if convolutional else "vectorized"
+
+    def _resolve_auto_jit_compile(self):
+        # `compile(jit_compile="auto")`, the default. Keras turns XLA off on
+        # machines without an accelerator. For networks without convolutions
+        # a meta-step is hundreds of small ops that XLA fuses: sinusoid MAML
+        # (PEERS.md B1) ran 1.7x faster with XLA on 2 CPU cores (515 vs 298
+        # meta-steps/s; 1270 vs 701 with steps_per_execution=25), for a first
+        # step of 2.6 s instead of 0.8 s. XLA:CPU is slow for convolutions
+        # inside loops (docs/performance.md), so conv nets keep Keras' rule,
+        # and so do distribution strategies.
+        if super()._resolve_auto_jit_compile():
+            return True
+        if not AUTO_XLA_ON_CPU or self._distribute_strategy or self._has_convolutions():
+            return False
+        return keras.src.trainers.trainer.model_supports_jit(self)
 
     @property
     def _unroll_inner_loop(self):
