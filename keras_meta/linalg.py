@@ -230,14 +230,11 @@ def hessian_vector_product_fn(loss_fn, params, method="reverse_over_reverse"):
       its directional derivative (TensorFlow computes most forward-mode
       derivatives by transposing backward functions).
 
-    Reverse-over-reverse records the forward and first backward pass once,
-    when the operator is made (a persistent tape, as `jax.linearize` does),
-    and each product is one backward pass through them; forward-over-reverse
-    runs the forward and first backward pass again for every product. On
-    keras_meta's conv4 (5-way 1-shot support sets, CPU, no XLA) a 5-iteration
-    CG solve took 1.09-1.10x as long with forward-over-reverse even before
-    the linearisation, whose trace was also up to 2.5x as long, hence the
-    default (numbers and command in `docs/imaml.md`).
+    Each product runs the forward and the first backward pass again. On
+    keras_meta's conv4 (5-way 1-shot support sets, CPU, no XLA) single
+    products cost the same, but a 5-iteration CG solve took 1.09-1.10x as
+    long with forward-over-reverse, whose trace was also up to 2.5x as long,
+    hence the default (numbers and command in `docs/imaml.md`).
 
     Args:
         loss_fn: callable taking `params` (a nest of tensors) and returning a
@@ -270,20 +267,13 @@ def hessian_vector_product_fn(loss_fn, params, method="reverse_over_reverse"):
             loss = loss_fn(tf.nest.pack_sequence_as(structure, flat))
         return tape.gradient(loss, flat, unconnected_gradients=zero)
 
-    if method == "reverse_over_reverse":
-        # Linearised once: the forward and first backward pass are recorded
-        # here, once; every product is one more backward pass through them.
-        outer = tf.GradientTape(watch_accessed_variables=False, persistent=True)
-        with outer:
-            outer.watch(flat)
-            linearised = gradient()
-
     def matvec(vector):
         v = [tf.cast(t, p.dtype) for t, p in zip(tf.nest.flatten(vector), flat)]
         if method == "reverse_over_reverse":
-            hv = outer.gradient(
-                linearised, flat, output_gradients=v, unconnected_gradients=zero
-            )
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(flat)
+                grads = gradient()
+            hv = tape.gradient(grads, flat, output_gradients=v, unconnected_gradients=zero)
         else:
             with tf.autodiff.ForwardAccumulator(flat, v) as accumulator:
                 grads = gradient()
