@@ -37,7 +37,14 @@ flags.DEFINE_integer("steps", 8, "Timed meta-steps per run (B1: x25).")
 flags.DEFINE_integer("warmup", 3, "Warm-up steps including the first.")
 flags.DEFINE_integer("inner_steps", None, "Override the bench's inner steps.")
 flags.DEFINE_string("task_execution", "auto", "keras_meta task execution (auto/vectorized/sequential).")
-flags.DEFINE_bool("jit_compile", False, "keras_meta with XLA.")
+flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
+                  "keras_meta's compile(jit_compile=...): auto is the learners' default (XLA for "
+                  "dense networks on CPU).")
+flags.DEFINE_list("intra_op_threads", ["0"], "keras_meta: one row per value; n > 0 runs "
+                  "`km.configure_cpu_threads(intra_op=n)` (one kernel per core at once), 0 keeps "
+                  "TensorFlow's default pools.")
+flags.DEFINE_list("b1_steps_per_execution", [], "B1: also run keras_meta with these "
+                  "steps_per_execution values (extra rows).")
 flags.DEFINE_integer("steps_per_execution", 1, "keras_meta: meta-steps per train-function call "
                      "(Keras' compile argument; amortises per-call overhead on tiny steps).")
 flags.DEFINE_string("json", None, "Append result rows (JSON lines) to this file.")
@@ -128,7 +135,8 @@ def _learner(spec, km, keras):
     else:
         learner = km.IMAML(model, l2_regularization=spec.imaml_lam, cg_iterations=spec.cg_steps,
                            **common)
-    learner.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, jit_compile=FLAGS.jit_compile,
+    learner.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss,
+                    jit_compile={"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile],
                     steps_per_execution=FLAGS.steps_per_execution)
     return learner
 
@@ -155,6 +163,9 @@ def worker(bench):
 
     import keras_meta as km
 
+    threads = int(FLAGS.intra_op_threads[0])
+    if threads:
+        km.configure_cpu_threads(intra_op=threads)
     spec = common.make_spec(bench, inner_steps=FLAGS.inner_steps, algo=FLAGS.algo)
     learner = _learner(spec, km, keras)
     _set_weights(learner, common.init_weights(spec), spec)
@@ -176,8 +187,9 @@ def worker(bench):
     rates = [FLAGS.steps_per_execution / t for t in result["times"]]
     record = {"bench": bench, "impl": "keras_meta", "algo": spec.algo,
               "pre_steps_rss_mb": result["pre_steps_rss_mb"], "idle_rss_mb": result["idle_rss_mb"],
-              "variant": learner.resolved_task_execution + ("+xla" if FLAGS.jit_compile else "")
-              + (f"+spe{FLAGS.steps_per_execution}" if FLAGS.steps_per_execution > 1 else ""),
+              "variant": learner.resolved_task_execution + ("+xla" if learner.jit_compile else "")
+              + (f"+spe{FLAGS.steps_per_execution}" if FLAGS.steps_per_execution > 1 else "")
+              + (f"+intra{threads}" if threads else ""),
               "inner_steps": spec.inner_steps, "flops_per_step": flops_per_step(spec),
               "steps_per_s": {"min": min(rates), "median": sorted(rates)[len(rates) // 2],
                               "max": max(rates)},
@@ -187,13 +199,14 @@ def worker(bench):
     print("RESULT" + json.dumps(record, default=float))
 
 
-def _run_keras_meta(bench, algo=None, inner_steps=None):
+def _run_keras_meta(bench, algo=None, inner_steps=None, steps_per_execution=None, threads=0):
     inner_steps = inner_steps or FLAGS.inner_steps
+    steps_per_execution = steps_per_execution or FLAGS.steps_per_execution
     steps, warmup = (min(FLAGS.steps, 3), 2) if bench == "M1" else (FLAGS.steps, FLAGS.warmup)
     args = [sys.executable, os.path.abspath(__file__), f"--worker={bench}", f"--steps={steps}",
             f"--warmup={warmup}", f"--task_execution={FLAGS.task_execution}",
             f"--jit_compile={FLAGS.jit_compile}", f"--peers_dir={FLAGS.peers_dir}",
-            f"--steps_per_execution={FLAGS.steps_per_execution}"]
+            f"--steps_per_execution={steps_per_execution}", f"--intra_op_threads={threads}"]
     if inner_steps:
         args.append(f"--inner_steps={inner_steps}")
     if algo:
@@ -246,7 +259,8 @@ def run_m1(peers):
     for steps in [int(k) for k in FLAGS.m1_steps.split(",")]:
         for algo in ("maml", "imaml"):
             for impl in ["keras_meta"] + [p for p in peers if p in M1_PEERS]:
-                record = (_run_keras_meta("M1", algo, steps) if impl == "keras_meta"
+                record = (_run_keras_meta("M1", algo, steps, threads=int(FLAGS.intra_op_threads[0]))
+                          if impl == "keras_meta"
                           else _run_peer(impl, "M1", algo, steps))
                 if record:
                     record.update(bench="M1", algo=algo, inner_steps=steps)
@@ -290,8 +304,13 @@ def main(_):
     peers = [p for p in FLAGS.peers.split(",") if p]
     memory_rows = run_m1(peers) if "M1" in FLAGS.bench.split(",") else []
     for bench in benches:
-        for impl in ["keras_meta"] + [p for p in peers if bench in PEER_BENCHES.get(p, "")]:
-            record = _run_keras_meta(bench) if impl == "keras_meta" else _run_peer(impl, bench)
+        runs = [("keras_meta", None, int(t)) for t in FLAGS.intra_op_threads]
+        if bench == "B1":
+            runs += [("keras_meta", int(k), 0) for k in FLAGS.b1_steps_per_execution]
+        runs += [(p, None, 0) for p in peers if bench in PEER_BENCHES.get(p, "")]
+        for impl, spe, threads in runs:
+            record = (_run_keras_meta(bench, steps_per_execution=spe, threads=threads)
+                      if impl == "keras_meta" else _run_peer(impl, bench))
             if record:
                 record["bench"] = bench
                 rows.append(record)

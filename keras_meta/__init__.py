@@ -4,6 +4,7 @@ from keras_meta import backend as _backend  # noqa: F401  (selects TensorFlow)
 from keras_meta import callbacks, data, evaluation, inner_loop, linalg, models
 from keras_meta.algorithms import ANIL, IMAML, MAML, MetaLearner
 from keras_meta.export import export_adaptive
+from keras_meta.threads import configure_cpu_threads
 
 __version__ = "0.1.0"
 
@@ -13,6 +14,7 @@ __all__ = [
     "MAML",
     "MetaLearner",
     "callbacks",
+    "configure_cpu_threads",
     "data",
     "evaluation",
     "export_adaptive",
