@@ -565,6 +565,17 @@ def test_config_carries_every_argument():
     assert keras.saving.get_registered_name(km.ANIL) == "keras_meta>ANIL"
 
 
+def test_auto_task_execution_follows_the_thread_setting(monkeypatch):
+    """Conv bodies: vectorized with TensorFlow's default pools, task by task
+    with one thread per kernel (`km.configure_cpu_threads()`); dense: vectorized."""
+    threading = tf.config.threading
+    monkeypatch.setattr(threading, "get_intra_op_parallelism_threads", lambda: 1)
+    assert km.ANIL(helpers.small_convnet()).resolved_task_execution == "sequential"
+    assert km.ANIL(helpers.tanh_mlp()).resolved_task_execution == "vectorized"
+    monkeypatch.setattr(threading, "get_intra_op_parallelism_threads", lambda: 0)
+    assert km.ANIL(helpers.small_convnet()).resolved_task_execution == "vectorized"
+
+
 def test_support_statistics_adapted_model_equals_learner_predictions(float64):
     episode = helpers.classification_episode(meta_batch=2, seed=9)
     learner = _convnet_learner(inner_learning_rate=0.5, inner_steps=1, eval_inner_steps=3,

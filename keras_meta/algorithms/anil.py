@@ -84,13 +84,16 @@ class ANIL(MetaLearner):
         inner_learning_rate_scaling: `None` or `"inverse_steps"` (step size
             `inner_learning_rate / inner_steps`).
         transductive_batch_norm: as in `km.MAML`.
-        task_execution: `"vectorized"` (default: the tasks' bodies run as
-            one batched computation and the body's meta-gradient is one
-            backward pass over the meta-batch), `"sequential"` (task by task,
-            per-task gradients, one task's activations in memory at a time),
-            or `"auto"` (= `"vectorized"` for ANIL, convolutional bodies
-            included: the per-task filter gradients that make MAML prefer
-            `"sequential"` do not arise).
+        task_execution: `"vectorized"` (the tasks' bodies run as one
+            batched computation and the body's meta-gradient is one backward
+            pass over the meta-batch), `"sequential"` (task by task, per-task
+            gradients, one task's activations in memory at a time), or
+            `"auto"` (default): vectorized, convolutional bodies included
+            (the per-task filter gradients that make MAML prefer
+            `"sequential"` do not arise), except for convolutional bodies
+            when the process runs one thread per kernel
+            (`km.configure_cpu_threads()`), where task by task measured
+            faster.
 
     Example:
 
@@ -122,7 +125,7 @@ class ANIL(MetaLearner):
         eval_inner_steps=None,
         inner_learning_rate_scaling=None,
         transductive_batch_norm=True,
-        task_execution="vectorized",
+        task_execution="auto",
         **kwargs,
     ):
         if isinstance(model, (tuple, list)):
@@ -191,6 +194,12 @@ class ANIL(MetaLearner):
         # batches its convolutions and takes one batched gradient (see
         # `train_step`), so it does not hit the per-task filter gradients
         # that make MAML prefer "sequential" for convolutional networks.
+        # With one thread per kernel (`km.configure_cpu_threads()`) the
+        # batched kernels lose their intra-op parallelism while tasks run
+        # side by side: conv4 ANIL (PEERS.md B4) ran 2.3-2.7 meta-steps/s task
+        # by task against 1.6 vectorized (docs/benchmarks.md).
+        if self._has_convolutions() and tf.config.threading.get_intra_op_parallelism_threads() == 1:
+            return "sequential"
         return "vectorized"
 
     def _support_statistics(self):
