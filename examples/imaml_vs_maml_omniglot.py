@@ -54,6 +54,8 @@ flags.DEFINE_enum("task_execution", "sequential", ["sequential", "vectorized"],
 flags.DEFINE_integer("eval_tasks", 600, "Test-class tasks in the report.")
 flags.DEFINE_integer("eval_batch_size", 50, "Tasks per evaluation meta-batch.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the episode streams.")
+flags.DEFINE_integer("intra_op_threads", 0, "If > 0: km.configure_cpu_threads(intra_op=...) first "
+                     "(1 = one thread per kernel, faster task by task on CPU; docs/performance.md).")
 flags.DEFINE_string("output", None, "Optional JSON file for the results.")
 
 
@@ -82,6 +84,8 @@ def make_learner(algorithm, model, **overrides):
 
 
 def main(_):
+    if FLAGS.intra_op_threads:
+        km.configure_cpu_threads(intra_op=FLAGS.intra_op_threads)
     tf.get_logger().setLevel("ERROR")  # pfor's "uses a while_loop" notes
     load = dict(data_dir=FLAGS.data_dir, rotations=(0, 90, 180, 270))
     train = km.data.omniglot("train", **load)
@@ -157,7 +161,7 @@ _OWN_FLAGS = (
     "maml_inner_learning_rate", "maml_inner_steps", "maml_eval_inner_steps",
     "imaml_inner_learning_rate", "imaml_inner_steps", "imaml_eval_inner_steps",
     "l2_regularization", "cg_iterations", "cg_damping", "cg_l2_damping", "algorithms",
-    "task_execution", "eval_tasks", "eval_batch_size", "seed",
+    "task_execution", "eval_tasks", "eval_batch_size", "seed", "intra_op_threads",
 )
 
 if __name__ == "__main__":
