@@ -156,14 +156,15 @@ def _set_weights(learner, weights, spec):
             layer.beta.assign(weights[f"bn{i}/beta"])
 
 
-def worker(bench):
+def build(bench, threads=0):
+    """`(spec, learner, iterator)`: the bench's learner with the peers' initial
+    weights, its train function made, and an iterator over the meta-batches."""
     common = _common()
     import keras
     import tensorflow as tf
 
     import keras_meta as km
 
-    threads = int(FLAGS.intra_op_threads[0])
     if threads:
         km.configure_cpu_threads(intra_op=threads)
     spec = common.make_spec(bench, inner_steps=FLAGS.inner_steps, algo=FLAGS.algo)
@@ -179,7 +180,13 @@ def worker(bench):
         {k: tf.stack([b[k] for b in batches]) for k in batches[0]}).repeat()
     learner._maybe_symbolic_build(data_batch=batches[0])
     learner.make_train_function()
-    iterator = iter(dataset)
+    return spec, learner, iter(dataset)
+
+
+def worker(bench):
+    common = _common()
+    threads = int(FLAGS.intra_op_threads[0])
+    spec, learner, iterator = build(bench, threads)
     step = lambda i: learner.train_function(iterator)  # noqa: E731
     scale = max(1, (25 if spec.model == "mlp" else 1) // FLAGS.steps_per_execution)
     result = common.run_timed(step, FLAGS.warmup, FLAGS.steps * scale,
