@@ -18,9 +18,11 @@ def configure_cpu_threads(intra_op=1, inter_op=None):
     1.5-1.7x faster on 2 cores than TensorFlow's default (both pools sized to
     the cores): conv4 MAML (PEERS.md B2) 2.09-2.13 vs 1.21-1.40 meta-steps/s,
     iMAML (B5) 0.52-0.69 vs 0.37-0.41, alternating runs of
-    `benchmarks/run.py`. Vectorized work with large batched kernels (ANIL's
-    default) prefers the default pools (B4: 1.49 vs 1.89), hence a function to
-    call, not a default; docs/benchmarks.md has the figures.
+    `benchmarks/run.py` on an Intel Xeon; on an AMD EPYC 1.1-1.3x for B2-B5.
+    Vectorized work with large batched kernels (`task_execution="vectorized"`
+    on conv nets) preferred the default pools (B4: 1.49 vs 1.89), and the pools
+    are process-wide, hence a function to call, not something importing
+    keras_meta does; docs/benchmarks.md has the figures.
 
     The pools are process-wide and TensorFlow fixes them when its runtime
     starts (the first op, model or dataset), so call this right after the

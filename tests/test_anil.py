@@ -560,20 +560,19 @@ def test_config_carries_every_argument():
         "task_execution": "sequential"}
     clone = km.ANIL.from_config(config)
     assert clone.get_config() == config
-    # "auto" stays vectorized for convolutional bodies (unlike MAML).
-    assert km.ANIL(helpers.small_convnet(), task_execution="auto").resolved_task_execution == "vectorized"
+    assert km.ANIL(helpers.small_convnet(), task_execution="auto").resolved_task_execution == "sequential"
     assert keras.saving.get_registered_name(km.ANIL) == "keras_meta>ANIL"
 
 
-def test_auto_task_execution_follows_the_thread_setting(monkeypatch):
-    """Conv bodies: vectorized with TensorFlow's default pools, task by task
-    with one thread per kernel (`km.configure_cpu_threads()`); dense: vectorized."""
+def test_auto_task_execution_is_task_by_task_for_conv_bodies(monkeypatch):
+    """Conv bodies: task by task whatever the thread pools; dense: vectorized."""
     threading = tf.config.threading
-    monkeypatch.setattr(threading, "get_intra_op_parallelism_threads", lambda: 1)
-    assert km.ANIL(helpers.small_convnet()).resolved_task_execution == "sequential"
-    assert km.ANIL(helpers.tanh_mlp()).resolved_task_execution == "vectorized"
-    monkeypatch.setattr(threading, "get_intra_op_parallelism_threads", lambda: 0)
-    assert km.ANIL(helpers.small_convnet()).resolved_task_execution == "vectorized"
+    for threads in (0, 1):
+        monkeypatch.setattr(threading, "get_intra_op_parallelism_threads", lambda: threads)
+        assert km.ANIL(helpers.small_convnet()).resolved_task_execution == "sequential"
+        assert km.ANIL(helpers.tanh_mlp()).resolved_task_execution == "vectorized"
+        assert km.ANIL(helpers.small_convnet(), task_execution="vectorized"
+                       ).resolved_task_execution == "vectorized"
 
 
 def test_support_statistics_adapted_model_equals_learner_predictions(float64):

@@ -88,12 +88,9 @@ class ANIL(MetaLearner):
             batched computation and the body's meta-gradient is one backward
             pass over the meta-batch), `"sequential"` (task by task, per-task
             gradients, one task's activations in memory at a time), or
-            `"auto"` (default): vectorized, convolutional bodies included
-            (the per-task filter gradients that make MAML prefer
-            `"sequential"` do not arise), except for convolutional bodies
-            when the process runs one thread per kernel
-            (`km.configure_cpu_threads()`), where task by task measured
-            faster.
+            `"auto"` (default): task by task for convolutional bodies (measured
+            faster on CPU and lighter in memory, see docs/anil.md),
+            vectorized otherwise.
 
     Example:
 
@@ -190,15 +187,16 @@ class ANIL(MetaLearner):
         return merged
 
     def _auto_task_execution(self):
-        # The body's weights are shared by all tasks: vectorized execution
-        # batches its convolutions and takes one batched gradient (see
-        # `train_step`), so it does not hit the per-task filter gradients
-        # that make MAML prefer "sequential" for convolutional networks.
-        # With one thread per kernel (`km.configure_cpu_threads()`) the
-        # batched kernels lose their intra-op parallelism while tasks run
-        # side by side: conv4 ANIL (PEERS.md B4) ran 2.3-2.7 meta-steps/s task
-        # by task against 1.6 vectorized (docs/benchmarks.md).
-        if self._has_convolutions() and tf.config.threading.get_intra_op_parallelism_threads() == 1:
+        # Task by task for convolutional bodies, as for MAML. Vectorized, the
+        # body runs as one batched computation with one batched backward
+        # pass; task by task measured faster on CPU with every thread setting
+        # tried and holds one task's activations at a time: conv4 ANIL
+        # (PEERS.md B4, AMD EPYC, 2 cores, default thread pools) 1.23-1.26
+        # meta-steps/s against 0.74-0.76 vectorized, peak RSS 968-977 MB
+        # against 1607-1636 (docs/benchmarks.md); on an Intel Xeon task by
+        # task was ahead in most runs by up to 25% with the default pools
+        # and 2.43 vs 1.58 under `km.configure_cpu_threads()`.
+        if self._has_convolutions():
             return "sequential"
         return "vectorized"
 
