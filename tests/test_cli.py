@@ -41,7 +41,9 @@ def test_sinusoid_run_writes_every_artifact(tmp_path, algorithm):
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["0", "1"]
     assert "meta_val_loss" in rows[0] and "adaptation_loss_step_3" in rows[0]
-    assert json.loads((out / "config.json").read_text())["algorithm"] == algorithm
+    config = json.loads((out / "config.json").read_text())
+    assert config["algorithm"] == algorithm
+    assert config["intra_op_threads"] == 1  # km.configure_cpu_threads() ran before TF started
     assert "Held-out tasks after 3 inner steps: loss" in result.stdout
 
 
@@ -51,6 +53,7 @@ def test_sinusoid_run_writes_every_artifact(tmp_path, algorithm):
     (["--n_way=8"], "--n_way is for --dataset=omniglot"),
     (["--dataset=omniglot", "--data_dir=/nonexistent/omniglot"], "is not a directory"),
     (["--epochs=1", "positional"], "unexpected arguments"),
+    (["--intra_op_threads=-1"], "flag --intra_op_threads=-1: -1 is not"),
 ])
 def test_bad_flags_get_a_message_not_a_traceback(tmp_path, args, message):
     result = _cli(*args, f"--output_dir={tmp_path}", "--verbose=0", timeout=300)
