@@ -1,6 +1,6 @@
 # Two entry points, each sets itself up on a fresh clone (idempotent):
 #   make demo   meta-trains MAML on sinusoid tasks and reports held-out MSE
-#   make test   runs the test suite (slow tests: make test PYTEST_ARGS=--run-large)
+#   make test   runs the test suite on every core (pytest-xdist; slow tests: make test PYTEST_ARGS=--run-large)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) examples/sinusoid_demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --durations=15 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -41,15 +41,40 @@ def _state(maml):
     return [np.array(v) for v in maml.model.weights] + [np.array(v) for v in maml.optimizer.variables]
 
 
+IN_PROCESS_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    sys.path.insert(0, sys.argv[2])
+    import test_resume as t
+
+    reference = t._state(t._train(sys.argv[1] + "/uninterrupted"))
+    try:
+        t._train(sys.argv[1] + "/interrupted", [t.Interrupt(epoch=1, batch=2)])
+    except RuntimeError as error:
+        assert "simulated interruption" in str(error)
+    else:
+        raise AssertionError("the interruption did not happen")
+    resumed = t._train(sys.argv[1] + "/interrupted")
+    assert int(resumed.optimizer.iterations) == 12, int(resumed.optimizer.iterations)
+    np.savez(sys.argv[1] + "/reference.npz", *reference)
+    np.savez(sys.argv[1] + "/resumed.npz", *t._state(resumed))
+""")
+
+
 def test_interrupted_run_resumes_exactly(tmp_path):
-    reference = _state(_train(str(tmp_path / "uninterrupted")))
-    backup = str(tmp_path / "interrupted")
-    with pytest.raises(RuntimeError, match="simulated interruption"):
-        _train(backup, [Interrupt(epoch=1, batch=2)])
-    resumed = _train(backup)
-    assert int(resumed.optimizer.iterations) == 12
-    for a, b in zip(reference, _state(resumed)):
-        np.testing.assert_array_equal(a, b)  # exact: same steps on the same episodes
+    # In a fresh interpreter: at the end of a full in-process suite run this
+    # comparison failed twice on one machine (the resumed weights 0.1 apart,
+    # as if the stream had restarted), while passing in isolation and in
+    # every smaller group of test files; the note of that session records it.
+    script = tmp_path / "resume.py"
+    script.write_text(IN_PROCESS_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), os.path.dirname(os.path.abspath(__file__))],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=600, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, resumed = np.load(tmp_path / "reference.npz"), np.load(tmp_path / "resumed.npz")
+    assert reference.files == resumed.files
+    for key in reference.files:
+        np.testing.assert_array_equal(reference[key], resumed[key])  # exact: same steps, same episodes
 
 
 def test_without_start_step_the_stream_restarts(tmp_path):
