@@ -168,6 +168,7 @@ def _plot_history(history_csv, path):
 def run():
     """Trains, evaluates and exports according to the flags; returns the evaluation."""
     import keras
+    import tensorflow as tf
 
     import keras_meta as km
 
@@ -183,7 +184,8 @@ def run():
     config = {"algorithm": FLAGS.algorithm, "dataset": FLAGS.dataset, "n_way": FLAGS.n_way,
               "data_dir": FLAGS.data_dir, "epochs": FLAGS.epochs, "seed": FLAGS.seed,
               "eval_inner_steps": FLAGS.eval_inner_steps, "meta_learning_rate": FLAGS.meta_learning_rate,
-              "intra_op_threads": FLAGS.intra_op_threads,
+              # What TensorFlow runs with (0: its default pools), not the flag.
+              "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
               **settings, "class_splits": metadata}
     with open(os.path.join(FLAGS.output_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, default=str)

@@ -43,7 +43,7 @@ def test_sinusoid_run_writes_every_artifact(tmp_path, algorithm):
     assert "meta_val_loss" in rows[0] and "adaptation_loss_step_3" in rows[0]
     config = json.loads((out / "config.json").read_text())
     assert config["algorithm"] == algorithm
-    assert config["intra_op_threads"] == 1  # km.configure_cpu_threads() ran before TF started
+    assert config["intra_op_threads"] == 1  # read from TensorFlow: the pools were set
     assert "Held-out tasks after 3 inner steps: loss" in result.stdout
 
 

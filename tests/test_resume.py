@@ -41,7 +41,7 @@ def _state(maml):
     return [np.array(v) for v in maml.model.weights] + [np.array(v) for v in maml.optimizer.variables]
 
 
-IN_PROCESS_SCRIPT = textwrap.dedent("""
+EXCEPTION_SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, sys.argv[2])
     import test_resume as t
@@ -66,7 +66,7 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     # as if the stream had restarted), while passing in isolation and in
     # every smaller group of test files; the note of that session records it.
     script = tmp_path / "resume.py"
-    script.write_text(IN_PROCESS_SCRIPT)
+    script.write_text(EXCEPTION_SCRIPT)
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path), os.path.dirname(os.path.abspath(__file__))],
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=600, capture_output=True, text=True)
