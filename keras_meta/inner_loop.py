@@ -11,7 +11,10 @@ import contextlib
 import inspect
 
 import keras
+import numpy as np
 import tensorflow as tf
+
+from keras_meta.validation import check_bool, check_positive_float
 
 
 def gradient_descent(loss_fn, params, steps, learning_rate, create_graph=True, unroll=True):
@@ -237,6 +240,7 @@ def sgd(learning_rate):
 
     `minimize` with it computes exactly what `gradient_descent` computes.
     """
+    _check_rate(learning_rate)
 
     def init(params):
         return ()
@@ -254,6 +258,9 @@ def momentum(learning_rate, momentum=0.9, nesterov=False):
     `params <- params + velocity` (Nesterov:
     `params <- params + momentum * velocity - learning_rate * grads`).
     """
+    _check_rate(learning_rate)
+    momentum = _check_fraction("momentum", momentum)
+    nesterov = check_bool("nesterov", nesterov)
 
     def init(params):
         return [tf.zeros_like(p) for p in params]
@@ -277,6 +284,10 @@ def adam(learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
     `m <- b1 m + (1 - b1) g`, `v <- b2 v + (1 - b2) g^2`, `params <- params
     - lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + epsilon)`.
     """
+    _check_rate(learning_rate)
+    beta_1 = _check_fraction("beta_1", beta_1)
+    beta_2 = _check_fraction("beta_2", beta_2)
+    epsilon = check_positive_float("epsilon", epsilon)
 
     def init(params):
         dtype = params[0].dtype if params else tf.float32
@@ -301,6 +312,24 @@ def adam(learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
         return updates, (count, first, second)
 
     return InnerOptimizer("adam", init, update)
+
+
+def _check_rate(learning_rate):
+    # A tensor is fine here (a scaled or learned step size inside a step).
+    if not tf.is_tensor(learning_rate):
+        check_positive_float("learning_rate", learning_rate)
+
+
+def _check_fraction(name, value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not 0 <= value < 1
+    ):
+        raise ValueError(
+            f"`{name}` must be a number in [0, 1). Received: {name}={value!r}"
+        )
+    return float(value)
 
 
 INNER_OPTIMIZERS = {"sgd": sgd, "momentum": momentum, "adam": adam}

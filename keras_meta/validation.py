@@ -34,7 +34,7 @@ def check_positive_float(name, value):
 
 def check_choice(name, value, choices):
     """Returns `value`; raises ValueError unless it is one of `choices`."""
-    if value not in choices:
+    if not (value is None or isinstance(value, str)) or value not in choices:
         raise ValueError(
             f"`{name}` must be one of {list(choices)}. Received: {name}={value!r}"
         )
@@ -50,3 +50,30 @@ def resolve_seed(seed):
             f"`seed` must be a non-negative integer or None. Received: seed={seed!r}"
         )
     return int(seed)
+
+
+def check_non_negative_float(name, value):
+    """Returns `value` as a float; raises ValueError unless finite and >= 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not np.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            f"`{name}` must be a non-negative number. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def check_bool(name, value):
+    """Returns `value` as a bool; raises ValueError unless it is a boolean.
+
+    Strings are refused: `bool("False")` is True.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"`{name}` must be True or False. Received: {name}={value!r} of "
+            f"type {type(value).__name__}"
+        )
+    return bool(value)

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from keras_meta import inner_loop
 from keras_meta.algorithms.base import MetaLearner
+from keras_meta.validation import check_bool, check_non_negative_float
 
 
 # What the body computes for one task, once: the features of the support and
@@ -142,8 +143,8 @@ class ANIL(MetaLearner):
             task_execution=task_execution,
             **kwargs,
         )
-        self.first_order = bool(first_order)
-        self.head_l2_regularization = _check_non_negative_float(
+        self.first_order = check_bool("first_order", first_order)
+        self.head_l2_regularization = check_non_negative_float(
             "head_l2_regularization", head_l2_regularization
         )
         head_layers, self.head = _resolve_head(self.model, 1 if head is None else head)
@@ -459,18 +460,6 @@ class ANIL(MetaLearner):
 # ----------------------------------------------------------------------
 # Head designation and the body/head split.
 
-
-def _check_non_negative_float(name, value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not np.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(
-            f"`{name}` must be a non-negative number. Received: {name}={value!r}"
-        )
-    return float(value)
 
 
 def _compose(pair):

@@ -16,9 +16,14 @@ import keras.src.trainers.trainer
 import numpy as np
 import tensorflow as tf
 
-from keras_meta import inner_loop
+from keras_meta import _internals, inner_loop
 from keras_meta.data.episodes import EPISODE_KEYS
-from keras_meta.validation import check_choice, check_positive_float, check_positive_int
+from keras_meta.validation import (
+    check_bool,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+)
 
 PREDICT_KEYS = ("support_x", "support_y", "query_x")
 TASK_EXECUTIONS = ("auto", "vectorized", "sequential")
@@ -96,6 +101,13 @@ class MetaLearner(keras.Model):
                 f"meta-parameters). Received: model {model.name!r} with "
                 "no trainable weights"
             )
+        outputs = getattr(model, "outputs", None)
+        if isinstance(outputs, (list, tuple)) and len(outputs) > 1:
+            raise ValueError(
+                f"{name} meta-learns single-output models (one loss on one "
+                f"output). Received: model {model.name!r} with {len(outputs)} "
+                f"outputs of shapes {[tuple(o.shape) for o in outputs]}"
+            )
         self.model = model
         self.inner_learning_rate = check_positive_float(
             "inner_learning_rate", inner_learning_rate
@@ -109,7 +121,9 @@ class MetaLearner(keras.Model):
             inner_learning_rate_scaling,
             INNER_LEARNING_RATE_SCALINGS,
         )
-        self.transductive_batch_norm = bool(transductive_batch_norm)
+        self.transductive_batch_norm = check_bool(
+            "transductive_batch_norm", transductive_batch_norm
+        )
         self.task_execution = check_choice(
             "task_execution", task_execution, TASK_EXECUTIONS
         )
@@ -117,6 +131,9 @@ class MetaLearner(keras.Model):
         self.pre_adaptation_loss_tracker = keras.metrics.Mean(
             name="pre_adaptation_loss"
         )
+        # Tasks of the epoch whose query loss or meta-gradient was not finite
+        # (their meta-batch's update was skipped).
+        self.non_finite_tasks_tracker = keras.metrics.Sum(name="non_finite_tasks")
         # Epoch means of the extra per-task scalars of `task_train`.
         self._extra_trackers = {
             name: keras.metrics.Mean(name=name) for name in self.extra_train_outputs
@@ -185,8 +202,18 @@ class MetaLearner(keras.Model):
     # Per-task building blocks: the network at fast weights.
 
     def compute_task_loss(self, y_true, y_pred, layer_losses=()):
-        """The compiled loss of one task's predictions, plus layer losses."""
+        """The compiled loss of one task's predictions, plus layer losses.
+
+        With a sparse classification loss, a class label outside
+        `[0, outputs)` (or not an integer) makes the loss NaN instead of
+        reaching the loss kernel: XLA would silently compute garbage, and
+        TensorFlow's kernels raise an opaque error. The step then skips its
+        update and `fit` raises a `ValueError` that names the label.
+        """
         loss_fn = self._inner_loss_fn()
+        valid = None
+        if _is_sparse_loss(loss_fn) and y_pred.shape[-1] is not None:
+            y_true, valid = _safe_labels(y_true, y_pred.shape[-1])
         loss = loss_fn(y_true, y_pred)
         if loss.shape.rank:
             loss = tf.reduce_mean(loss)
@@ -202,6 +229,8 @@ class MetaLearner(keras.Model):
                 loss = loss * tf.cast(replicas, loss.dtype)
         for extra in layer_losses:
             loss = loss + tf.cast(extra, loss.dtype)
+        if valid is not None:
+            loss = tf.where(valid, loss, tf.constant(float("nan"), loss.dtype))
         return loss
 
     def _inner_loss_fn(self):
@@ -407,7 +436,94 @@ class MetaLearner(keras.Model):
                         f"{tuple(shapes[x_key])}, {y_key} shape="
                         f"{tuple(shapes[y_key])}"
                     )
+        self._check_shapes(shapes)
         return episode
+
+    def _input_shape(self):
+        """The model's input shape per example, or None if it has no `inputs`."""
+        inputs = getattr(self.model, "inputs", None)
+        if isinstance(inputs, (list, tuple)) and len(inputs) == 1:
+            return tuple(inputs[0].shape[1:])
+        return None
+
+    def _output_shape(self, x_shape, dtype):
+        """The model's output shape per example for inputs of `x_shape`."""
+        outputs = getattr(self.model, "outputs", None)
+        if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
+            return tuple(outputs[0].shape[1:])
+        cache = self.__dict__.setdefault("_output_shapes", {})
+        key = (tuple(x_shape), dtype)
+        if key not in cache:
+            with tf.init_scope():
+                spec = self.model.compute_output_spec(
+                    keras.KerasTensor((None,) + tuple(x_shape), dtype)
+                )
+            if not isinstance(spec, keras.KerasTensor):
+                raise ValueError(
+                    f"{type(self).__name__} meta-learns single-output models "
+                    f"(one loss on one output). Received: model "
+                    f"{self.model.name!r} returning "
+                    f"{tf.nest.map_structure(lambda t: tuple(t.shape), spec)}"
+                )
+            cache[key] = tuple(spec.shape[1:])
+            self.__dict__["_output_width"] = spec.shape[-1]
+        return cache[key]
+
+    def _check_shapes(self, shapes):
+        """Static checks of the per-example shapes of an episode's entries."""
+        expected = self._input_shape()
+        for key in ("support_x", "query_x"):
+            shape = shapes.get(key)
+            if expected is None or shape is None or shape.rank is None:
+                continue
+            example = tuple(shape[2:])
+            if _compatible(example, expected):
+                continue
+            hint = ""
+            if _compatible(tuple(shape[1:]), expected):
+                hint = (
+                    " The meta-batch axis is missing: add one (`x[None]` for "
+                    "a single task), or use `adapt()` for one task."
+                )
+            elif shape.rank > 2 and _compatible(tuple(shape[3:]), expected):
+                hint = " There is one axis too many (a meta-batch axis added twice?)."
+            raise ValueError(
+                f"Episode entry `{key}` must have shape [meta_batch, examples] + "
+                f"{expected} (the model's input shape per example). Received: "
+                f"{key} shape={tuple(shape)}.{hint}"
+            )
+        if getattr(self, "loss", None) is None:
+            return
+        sparse = _is_sparse_loss(self._inner_loss_fn())
+        x_shape = shapes.get("query_x", shapes.get("support_x"))
+        if x_shape is None or x_shape.rank is None:
+            return
+        output = self._output_shape(x_shape[2:], "float32")
+        for key in ("support_y", "query_y"):
+            shape = shapes.get(key)
+            if shape is None or shape.rank is None:
+                continue
+            target = tuple(shape[2:])
+            if sparse:
+                if target in ((), (1,)):
+                    continue
+                raise ValueError(
+                    f"With the sparse classification loss "
+                    f"({_loss_name(self._inner_loss_fn())}), `{key}` holds one "
+                    "class index per example: shape [meta_batch, examples] (or "
+                    f"[..., 1]). Received: {key} shape={tuple(shape)} for model "
+                    f"outputs of shape {(None,) + output}. One-hot targets need "
+                    "`keras.losses.CategoricalCrossentropy`; or pass the class "
+                    "indices (`argmax` over the last axis)."
+                )
+            if not _compatible(target, output):
+                raise ValueError(
+                    f"`{key}` must have the model's output shape per example: "
+                    f"the model outputs {(None,) + output}, so `{key}` should "
+                    f"be [meta_batch, examples] + {output}. Received: {key} "
+                    f"shape={tuple(shape)}; the loss would broadcast "
+                    f"{target} against {output} without an error."
+                )
 
     # ------------------------------------------------------------------
     # Keras trainer hooks.
@@ -445,6 +561,9 @@ class MetaLearner(keras.Model):
             else t,
             data_batch,
         )
+        data = _as_episode_dict(data_batch)
+        if isinstance(data, dict):
+            self._check_values(self._check_episode(data, [k for k in EPISODE_KEYS if k in data]))
         with self.distribute_strategy.scope():
             self._build_training_state(data_batch)
 
@@ -494,11 +613,50 @@ class MetaLearner(keras.Model):
                 tf.reduce_mean(g, axis=0) / replicas for g in results["gradients"]
             ]
 
-        # Update.
-        self.optimizer.apply_gradients(
-            zip(gradients, self.model.trainable_variables)
-        )
+        # Update, unless a task's loss or meta-gradient is not finite.
+        finite = tf.math.is_finite(results["loss"])
+        for g in results["gradients"]:
+            finite = finite & tf.reduce_all(
+                tf.reshape(tf.math.is_finite(g), [tf.shape(g)[0], -1]), axis=1
+            )
+        self.apply_meta_gradients(gradients, non_finite_tasks=_count_false(finite))
         return self._update_metrics(episode, results, training=True)
+
+    def apply_meta_gradients(self, gradients, non_finite_tasks):
+        """Applies `gradients` with the compiled optimizer, if every task was finite.
+
+        `non_finite_tasks` counts this replica's tasks whose query loss or
+        meta-gradient was NaN or infinite; it is added to the
+        `non_finite_tasks` metric. When any replica counts one, no replica
+        applies its update: the weights and the optimizer state stay as they
+        were (the step is skipped, as `optax.apply_if_finite` does).
+        """
+        self.non_finite_tasks_tracker.update_state(non_finite_tasks)
+        total = non_finite_tasks
+        context = tf.distribute.get_replica_context()
+        if tf.distribute.get_strategy().num_replicas_in_sync > 1 and context is not None:
+            total = context.all_reduce(tf.distribute.ReduceOp.SUM, non_finite_tasks)
+        finite = tf.equal(total, 0)
+        variables = self.model.trainable_variables
+
+        def apply(gradients):
+            self.optimizer.apply_gradients(zip(gradients, variables))
+
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            tf.cond(finite, lambda: apply(gradients), lambda: None)
+            return
+
+        # Like `keras.optimizers.LossScaleOptimizer`: a cond whose branch
+        # calls `merge_call` must run in the cross-replica context.
+        def cross_replica(strategy, gradients, finite):
+            finite = strategy.experimental_local_results(finite)[0]
+            tf.cond(
+                finite,
+                lambda: strategy.extended.call_for_each_replica(apply, args=(gradients,)),
+                lambda: None,
+            )
+
+        context.merge_call(cross_replica, args=(gradients, finite))
 
     def test_step(self, data):
         episode = self._check_episode(data)
@@ -533,6 +691,137 @@ class MetaLearner(keras.Model):
             ("predictions",),
         )
         return results["predictions"]
+
+    # ------------------------------------------------------------------
+    # Step functions: Keras' own, run with the checks below.
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=force)
+        self.train_function = self._guarded(self.train_function)
+        return self.train_function
+
+    def make_test_function(self, force=False):
+        if self.test_function is not None and not force:
+            return self.test_function
+        super().make_test_function(force=force)
+        self.test_function = self._guarded(self.test_function)
+        return self.test_function
+
+    def make_predict_function(self, force=False):
+        if self.predict_function is not None and not force:
+            return self.predict_function
+        super().make_predict_function(force=force)
+        self.predict_function = self._guarded(self.predict_function)
+        return self.predict_function
+
+    def _guarded(self, function):
+        """`function` run without Grappler's memory optimizer, then checked.
+
+        The memory optimizer breaks second-order gradients through inner
+        loops (see `_internals.memory_optimizer_off`). The check raises the
+        label errors the step recorded in its logs (an in-graph assertion
+        would not survive `jit_compile`).
+        """
+
+        def guarded(*args, **kwargs):
+            with _internals.memory_optimizer_off():
+                logs = function(*args, **kwargs)
+            if isinstance(logs, dict) and _LABEL_KEYS[0] in logs:
+                logs = dict(logs)
+                count, value, key = (
+                    float(np.ravel(keras.ops.convert_to_numpy(logs.pop(k)))[0])
+                    for k in _LABEL_KEYS
+                )
+                if count > 0:
+                    raise ValueError(
+                        self._label_message(
+                            ("support_y", "query_y")[int(round(key))], value, count
+                        )
+                    )
+            return logs
+
+        return guarded
+
+    def _label_width(self):
+        """The model's output width if the compiled loss is sparse, else None."""
+        if getattr(self, "loss", None) is None or not _is_sparse_loss(self._inner_loss_fn()):
+            return None
+        outputs = getattr(self.model, "outputs", None)
+        if outputs:
+            return outputs[0].shape[-1]
+        return self.__dict__.get("_output_width")
+
+    def _label_message(self, key, value, count=1):
+        width = self._label_width()
+        return (
+            f"Class labels must be integers in [0, {width}): the model has "
+            f"{width} outputs and the loss "
+            f"({_loss_name(self._inner_loss_fn())}) reads labels as indices "
+            f"into them. Received: a label {value:g} in `{key}` ({int(count)} "
+            "invalid label(s) in the meta-batch). An episode's labels run "
+            "from 0 to n_way - 1: build the model with as many outputs as the "
+            "episodes' n_way (e.g. `km.models.conv4(n_way)`)."
+        )
+
+    def _label_violation(self, episode):
+        """In-graph count, first value and key of invalid class labels.
+
+        Empty unless the compiled loss is a sparse classification loss.
+        """
+        width = self._label_width()
+        if width is None:
+            return {}
+        counts, values, keys = [], [], []
+        for index, key in enumerate(("support_y", "query_y")):
+            if key not in episode:
+                continue
+            y = tf.reshape(episode[key], [-1])
+            bad = _invalid_labels(y, width)
+            counts.append(tf.reduce_sum(tf.cast(bad, tf.float32)))
+            first = tf.argmax(tf.cast(bad, tf.int32))
+            values.append(tf.cast(tf.gather(y, first), tf.float32))
+            keys.append(float(index))
+        counts = tf.stack(counts)
+        which = tf.argmax(tf.cast(counts > 0, tf.int32))
+        return {
+            _LABEL_KEYS[0]: tf.reduce_sum(counts),
+            _LABEL_KEYS[1]: tf.gather(tf.stack(values), which),
+            _LABEL_KEYS[2]: tf.gather(tf.constant(keys), which),
+        }
+
+    def _check_values(self, episode):
+        """Host-side checks of one batch: class labels and finite values.
+
+        Runs on the first batch of `fit`/`evaluate` and on the inputs of
+        `evaluate_tasks` and `adapt`, before anything is traced.
+        """
+        width = self._label_width()
+        for key, value in episode.items():
+            array = np.asarray(keras.ops.convert_to_numpy(value))
+            if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
+                bad = array[~np.isfinite(array)].ravel()[0]
+                raise ValueError(
+                    f"Episode entry `{key}` contains non-finite values "
+                    f"({int(np.sum(~np.isfinite(array)))} NaN/inf, e.g. {bad}). "
+                    "Clean the data source: keras_meta skips meta-batches whose "
+                    "losses are not finite, so such episodes never train."
+                )
+            if width is None or not key.endswith("_y"):
+                continue
+            flat = array.ravel()
+            bad = (flat < 0) | (flat >= width) | (np.round(flat) != flat)
+            if np.any(bad):
+                raise ValueError(self._label_message(key, float(flat[bad][0]), np.sum(bad)))
+            if key == "support_y" and array.ndim >= 2:
+                classes = max(len(np.unique(task)) for task in array.reshape(array.shape[0], -1))
+                if classes > width:
+                    raise ValueError(
+                        f"A task of `support_y` has {classes} classes but the "
+                        f"model has {width} outputs: the episodes' n_way must "
+                        "not exceed the model's output width."
+                    )
 
     def _check_even_split(self, episode):
         """Under a multi-replica strategy, asserts equal local meta-batches."""
@@ -570,8 +859,13 @@ class MetaLearner(keras.Model):
             _merge_meta_batch(results["predictions"]),
         )
         # Trackers that belong to the other kind of step stay out of the logs.
-        unused = self.extra_train_outputs if not training else ("pre_adaptation_loss",)
+        unused = (
+            self.extra_train_outputs + ("non_finite_tasks",)
+            if not training
+            else ("pre_adaptation_loss",)
+        )
         logs = {key: value for key, value in logs.items() if key not in unused}
+        logs.update(self._label_violation(episode))
         if _multi_worker(self.distribute_strategy):
             # Keras reduces multi-worker logs with `strategy.reduce("MEAN",
             # value, axis=0)`, which fails on scalars: give them an axis.
@@ -731,6 +1025,47 @@ class MetaLearner(keras.Model):
         config = copy.deepcopy(config)  # deserialization consumes the dict
         config["model"] = keras.saving.deserialize_keras_object(config["model"])
         return cls(**config)
+
+
+_LABEL_KEYS = ("_invalid_labels", "_invalid_label_value", "_invalid_label_key")
+
+
+def _is_sparse_loss(loss_fn):
+    """Whether `loss_fn` reads targets as class indices (sparse cross-entropy)."""
+    if isinstance(loss_fn, keras.losses.SparseCategoricalCrossentropy):
+        return getattr(loss_fn, "_fn_kwargs", {}).get("ignore_class") is None
+    return getattr(loss_fn, "__name__", "") == "sparse_categorical_crossentropy"
+
+
+def _loss_name(loss_fn):
+    return getattr(loss_fn, "name", None) or getattr(loss_fn, "__name__", type(loss_fn).__name__)
+
+
+def _invalid_labels(y, width):
+    """Boolean mask of labels outside `[0, width)` or not integers."""
+    y = tf.convert_to_tensor(y)
+    bad = (y < tf.cast(0, y.dtype)) | (y >= tf.cast(width, y.dtype))
+    if y.dtype.is_floating:
+        bad = bad | tf.logical_not(tf.math.is_finite(y)) | tf.not_equal(y, tf.round(y))
+    return bad
+
+
+def _safe_labels(y, width):
+    """(labels with invalid entries set to 0, whether all were valid)."""
+    y = tf.convert_to_tensor(y)
+    bad = _invalid_labels(y, width)
+    return tf.where(bad, tf.zeros_like(y), y), tf.logical_not(tf.reduce_any(bad))
+
+
+def _compatible(shape, expected):
+    """Whether two static shapes can be equal (None matches any size)."""
+    return len(shape) == len(expected) and all(
+        a is None or b is None or a == b for a, b in zip(shape, expected)
+    )
+
+
+def _count_false(mask):
+    return tf.reduce_sum(tf.cast(tf.logical_not(mask), tf.float32))
 
 
 def _multi_worker(strategy):

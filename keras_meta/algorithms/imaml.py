@@ -1,12 +1,17 @@
 """iMAML: implicit model-agnostic meta-learning (proximal inner solve, CG meta-gradient)."""
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_meta import inner_loop, linalg
 from keras_meta.algorithms.base import MetaLearner
-from keras_meta.validation import check_choice, check_positive_float, check_positive_int
+from keras_meta.validation import (
+    check_bool,
+    check_choice,
+    check_non_negative_float,
+    check_positive_float,
+    check_positive_int,
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_meta")
@@ -145,9 +150,9 @@ class IMAML(MetaLearner):
         )
         self.l2_regularization = check_positive_float("l2_regularization", l2_regularization)
         self.cg_iterations = check_positive_int("cg_iterations", cg_iterations)
-        self.cg_damping = _check_non_negative("cg_damping", cg_damping)
-        self.cg_l2_damping = _check_non_negative("cg_l2_damping", cg_l2_damping)
-        self.cg_tolerance = _check_non_negative("cg_tolerance", cg_tolerance)
+        self.cg_damping = check_non_negative_float("cg_damping", cg_damping)
+        self.cg_l2_damping = check_non_negative_float("cg_l2_damping", cg_l2_damping)
+        self.cg_tolerance = check_non_negative_float("cg_tolerance", cg_tolerance)
         self.cg_negative_curvature = check_choice(
             "cg_negative_curvature", cg_negative_curvature, linalg.NEGATIVE_CURVATURE
         )
@@ -161,11 +166,11 @@ class IMAML(MetaLearner):
                 f"inner_optimizer={inner_optimizer!r}"
             ) from None
         self.inner_optimizer = inner_optimizer
-        self.proximal_pull_back = bool(proximal_pull_back)
+        self.proximal_pull_back = check_bool("proximal_pull_back", proximal_pull_back)
         self.eval_l2_regularization = (
             None
             if eval_l2_regularization is None
-            else _check_non_negative("eval_l2_regularization", eval_l2_regularization)
+            else check_non_negative_float("eval_l2_regularization", eval_l2_regularization)
         )
         self.hvp_method = check_choice("hvp_method", hvp_method, linalg.HVP_METHODS)
 
@@ -355,15 +360,3 @@ class IMAML(MetaLearner):
         )
         return config
 
-
-def _check_non_negative(name, value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float, np.integer, np.floating))
-        or not np.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(
-            f"`{name}` must be a non-negative number. Received: {name}={value!r}"
-        )
-    return float(value)

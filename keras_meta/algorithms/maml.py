@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from keras_meta.algorithms.base import MetaLearner
+from keras_meta.validation import check_bool
 
 
 @keras.saving.register_keras_serializable(package="keras_meta")
@@ -75,7 +76,7 @@ class MAML(MetaLearner):
             task_execution=task_execution,
             **kwargs,
         )
-        self.first_order = bool(first_order)
+        self.first_order = check_bool("first_order", first_order)
 
     def task_train(self, params, non_trainable, task):
         adapt = lambda p, create_graph: self.adapt_parameters(  # noqa: E731
