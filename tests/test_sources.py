@@ -251,8 +251,10 @@ def test_from_directory_unreadable_images_are_named(rgb_folder):
     bad.write_bytes(b"\x89PNG not really")
     (rgb_folder / "cat" / "empty.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match=r"Could not read or decode 2 image file\(s\) of "
-                                         r"source 'flat': '.*cat/empty\.jpg', "
-                                         r"'.*emu/broken\.png'"):
+                                         r"source 'flat':\n  '.*cat/empty\.jpg': an empty "
+                                         r"file \(0 bytes\)\n  '.*emu/broken\.png': not a "
+                                         r"valid image \(Unknown image file format\. One of "
+                                         r"JPEG, .*PNG, GIF, BMP.* required\.\)\nRemove them"):
         km.data.from_directory(rgb_folder)
 
 
@@ -265,8 +267,9 @@ def test_from_directory_sizes_must_agree_without_resize(rgb_folder):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"image_size": (28,)}, r"`image_size` must be \(height, width\) with positive ints, or "
-                            r"None\. Received: image_size=\(28,\)"),
+    ({"image_size": (28,)}, r"`image_size` must be \(height, width\) with positive ints, a "
+                            r"positive int for a square, or None\. Received: "
+                            r"image_size=\(28,\)"),
     ({"image_size": (0, 5)}, r"`image_size` must be"),
     ({"color_mode": "rgba"}, r"`color_mode` must be one of \['grayscale', 'rgb'\]\. "
                              r"Received: color_mode='rgba'"),

@@ -5,10 +5,30 @@ import os
 
 import numpy as np
 
-from keras_meta.data.sources import from_files, from_tfds, split_counts, _largest_remainder
+from keras_meta.data.sources import (
+    DatasetDownloadError,
+    _check_image_size,
+    _check_verbose,
+    _describe_network_error,
+    _largest_remainder,
+    from_files,
+    from_tfds,
+    network_error,
+    split_counts,
+    walk_image_folders,
+)
 from keras_meta.validation import check_choice, resolve_seed
 
 NUM_CHARACTERS = 1623
+
+OFFLINE_HINT = (
+    "Offline, pass `data_dir=` a local folder of Omniglot images laid out as "
+    "<alphabet>/<character>/<drawing>.png (at any depth, e.g. the unzipped "
+    "images_background/ and images_evaluation/ folders of "
+    "https://github.com/brendenlake/omniglot/tree/master/python): "
+    "km.data.omniglot(\"train\", data_dir=\"path/to/omniglot\"). Or pass "
+    "`tfds_data_dir=` a TFDS data folder where omniglot is already prepared."
+)
 
 # Character splits of the reference code, as class counts of the full 1623
 # characters, and the seed of their `random.Random(seed).shuffle`.
@@ -29,11 +49,13 @@ def omniglot(
     rotations=None,
     tfds_data_dir=None,
     download=True,
+    verbose="auto",
 ):
     """Omniglot characters of one class split, as a `Source` for `episodes`.
 
     Loads every character (from TFDS by default, which downloads the data on
-    first use, or from a local folder with `data_dir`), as 28x28 grayscale
+    first use, or from a local folder with `data_dir`, which works offline),
+    as 28x28 grayscale
     images in [0, 1] with strokes at 1 (inverted from the files' black on
     white), then keeps the characters of `split`. Characters are named
     `"<alphabet>/characterNN"` whichever the origin, sorted, shuffled with
@@ -63,13 +85,19 @@ def omniglot(
         data_dir: a local folder of Omniglot images
             (`.../<alphabet>/<character>/*.png` at any depth, e.g. the unzipped
             `images_background` and `images_evaluation`; characters found in
-            several places count once). `None` loads TFDS `omniglot`
-            (`train+test`, 1623 characters).
-        image_size: `(height, width)` (the papers: 28x28).
+            several places count once; hidden folders such as
+            `.ipynb_checkpoints` are skipped; symbolic links are followed,
+            and a link cycle is refused, as in `from_directory`). `None` loads
+            TFDS `omniglot` (`train+test`, 1623 characters); without network
+            access that fails with a `ConnectionError` that says so.
+        image_size: `(height, width)` or an int for a square (the papers:
+            28).
         rotations: `None`, or angles such as `(0, 90, 180, 270)`: each rotation
             of each character is a class of its own (Vinyals et al.).
         tfds_data_dir: TFDS data folder (default TFDS's own).
         download: let TFDS download Omniglot if it is not there yet.
+        verbose: progress bar while decoding a local folder, as in
+            `from_directory` (`"auto"`: from 1000 images, on a terminal).
 
     Returns:
         A `Source` holding the characters of `split`.
@@ -104,8 +132,9 @@ def omniglot(
     seed = default_seed if seed is None else resolve_seed(seed)
     if data_dir is not None:
         data_dir = os.path.abspath(os.fspath(data_dir))
-    image_size = tuple(image_size)
-    characters = _all_characters(data_dir, image_size, tfds_data_dir, download)
+    image_size = _check_image_size(image_size)
+    verbose = _check_verbose(verbose)
+    characters = _all_characters(data_dir, image_size, tfds_data_dir, download, verbose)
 
     available = characters.num_base_classes
     if reference_counts is None:
@@ -132,18 +161,36 @@ def omniglot(
 
 
 @functools.lru_cache(maxsize=2)
-def _all_characters(data_dir, image_size, tfds_data_dir, download):
+def _all_characters(data_dir, image_size, tfds_data_dir, download, verbose):
     """Every character, sorted by name, decoded once per process."""
     if data_dir is None:
-        source = from_tfds(
-            "omniglot",
-            "train+test",
-            data_dir=tfds_data_dir,
-            image_size=image_size,
-            color_mode="grayscale",
-            invert=True,
-            download=download,
-        )
+        try:
+            source = from_tfds(
+                "omniglot",
+                "train+test",
+                data_dir=tfds_data_dir,
+                image_size=image_size,
+                color_mode="grayscale",
+                invert=True,
+                download=download,
+            )
+        except DatasetDownloadError as error:
+            raise DatasetDownloadError(
+                "Could not download Omniglot from TFDS: "
+                f"{_describe_network_error(network_error(error.__cause__) or error)} "
+                f"{OFFLINE_HINT}"
+            ) from error
+        except FileNotFoundError as error:
+            if download:
+                raise
+            where = (
+                f"`tfds_data_dir`={tfds_data_dir!r}" if tfds_data_dir is not None
+                else "TFDS's data folder"
+            )
+            raise FileNotFoundError(
+                f"TFDS has no prepared Omniglot in {where}, and `download=False` "
+                f"forbids downloading it. {OFFLINE_HINT}"
+            ) from error
         # TFDS names characters "<alphabet>_<index from 0>".
         renamed = []
         for name in source.base_class_names:
@@ -159,20 +206,17 @@ def _all_characters(data_dir, image_size, tfds_data_dir, download):
             f"Omniglot folder not found: `data_dir`={data_dir!r} is not a folder."
         )
     files = {}
-    for dirpath, dirnames, filenames in os.walk(data_dir, followlinks=True):
-        dirnames.sort()
-        images = sorted(f for f in filenames if f.lower().endswith(".png"))
-        if not images:
-            continue
+    walk = walk_image_folders(data_dir, (".png",))
+    for dirpath, images in walk.folders:
         parts = os.path.normpath(dirpath).split(os.sep)
         character = "/".join(parts[-2:])
         seen = files.setdefault(character, {})
         for image in images:  # the same character may appear in two folders
-            seen.setdefault(image, os.path.join(dirpath, image))
+            seen.setdefault(os.path.basename(image), image)
     if not files:
         raise ValueError(
             f"No Omniglot images (.png) found under `data_dir`={data_dir!r}; "
-            "expected <alphabet>/<character>/*.png folders."
+            f"expected <alphabet>/<character>/*.png folders.{walk.describe_skipped(data_dir)}"
         )
     names = sorted(files)
     return from_files(
@@ -183,4 +227,5 @@ def _all_characters(data_dir, image_size, tfds_data_dir, download):
         invert=True,
         name="omniglot",
         metadata={"source": "directory", "root": data_dir},
+        verbose=verbose,
     )

@@ -8,6 +8,10 @@ kept as one array; `keras_meta.data.episodes` samples meta-batches from it.
 
 import os
 import random
+import re
+import socket
+import sys
+import urllib.error
 
 import numpy as np
 import tensorflow as tf
@@ -17,6 +21,16 @@ from keras_meta.validation import check_choice
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 COLOR_MODES = {"grayscale": 1, "rgb": 3}
 ROTATIONS = (0, 90, 180, 270)
+INTERPOLATIONS = (
+    "bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian",
+    "mitchellcubic",
+)
+# verbose="auto" shows a progress bar from this many images on (on a terminal).
+PROGRESS_MIN_IMAGES = 1000
+
+
+class DatasetDownloadError(ConnectionError):
+    """A data set could not be downloaded (no network access, server unreachable)."""
 
 
 class Source:
@@ -59,7 +73,11 @@ class Source:
                 f"len(x)={len(x)}, len(y)={len(y)}"
             )
         if len(set(class_names)) != len(class_names):
-            raise ValueError(f"Class names must be unique. Received: {class_names}")
+            repeated = sorted({n for n in class_names if class_names.count(n) > 1})
+            raise ValueError(
+                f"`class_names` must be unique. Received: {repeated} more than once "
+                f"among {len(class_names)} names"
+            )
         if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
             raise ValueError(
                 f"`y` must hold class indices in [0, {len(class_names)}). "
@@ -270,7 +288,13 @@ def from_arrays(x, y, class_names=None, name="arrays"):
     >>> source.num_classes, source.example_shape
     (10, (8,))
     """
-    x = np.asarray(x)
+    try:
+        x = np.asarray(x)
+    except ValueError as error:
+        raise ValueError(
+            "`x` must be an array [num_examples, ...] of examples that share one "
+            f"shape. Received: {type(x).__name__} that NumPy cannot stack ({error})"
+        ) from error
     y = np.asarray(y)
     if x.ndim == 0:
         raise ValueError(f"`x` must be an array [num_examples, ...]. Received: a scalar {x!r}")
@@ -317,6 +341,7 @@ def from_directory(
     interpolation="lanczos3",
     extensions=IMAGE_EXTENSIONS,
     name=None,
+    verbose="auto",
 ):
     """A source from a folder of images, one sub-folder per class.
 
@@ -327,18 +352,37 @@ def from_directory(
     resized to `image_size`, scaled to [0, 1] and optionally inverted, then
     held in memory as one float32 array.
 
+    What counts:
+
+    - Hidden folders and files (names starting with `.`, e.g.
+      `.ipynb_checkpoints`, `.DS_Store`, macOS `._*` files) are skipped at
+      every depth: they are never classes or images.
+    - Files whose names end with one of `extensions` are images; other files
+      (`notes.txt`, `labels.csv`) are ignored.
+    - Symbolic links to folders and files are followed, but every image file
+      is counted once, under one class: a link that leads back to a folder
+      that contains it (a cycle, e.g. `ln -s .. loop`) or a layout that
+      reaches the same image file twice (two links to one folder) is refused
+      with a `ValueError` that names the link or both paths, since repeated
+      images would leak across class splits.
+    - GIFs decode to their first frame, in both color modes.
+
     Args:
         root: the folder.
-        image_size: `(height, width)`, or `None` to keep the files' size
-            (then they must all share it).
+        image_size: `(height, width)`, an int `n` for `(n, n)`, or `None` to
+            keep the files' size (then they must all share it).
         color_mode: `"grayscale"` (1 channel) or `"rgb"` (3 channels).
         invert: `x -> 1 - x` after scaling (Omniglot's strokes are black on
             white: invert so that strokes are 1 on a background of 0).
         interpolation: a `tf.image.resize` method; `"lanczos3"` (with
             anti-aliasing, clipped to [0, 1]) matches the PIL LANCZOS resize of
             the reference MAML and iMAML code.
-        extensions: file name endings counted as images (case-insensitive).
+        extensions: file name endings counted as images (case-insensitive):
+            a string such as `".png"` or a sequence of them.
         name: a name for error messages (default: the folder's name).
+        verbose: `"auto"` shows a progress bar while decoding when there are
+            at least 1000 images and the output is a terminal or a notebook;
+            `1` (or `True`) always shows one, `0` (or `False`) never.
 
     Returns:
         A `Source`.
@@ -355,33 +399,119 @@ def from_directory(
         raise FileNotFoundError(f"Image folder not found: `root`={root!r} does not exist.")
     if not os.path.isdir(root):
         raise NotADirectoryError(f"`root` must be a folder of class folders. Received: {root!r}")
-    extensions = tuple(e.lower() for e in extensions)
+    extensions = _check_extensions(extensions)
+    # Argument errors before the (possibly long) walk of the folder.
+    _check_image_options(image_size, color_mode, invert, interpolation, verbose)
+    walk = walk_image_folders(root, extensions)
     class_names, files = [], []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        images = sorted(f for f in filenames if f.lower().endswith(extensions))
-        if not images:
-            continue
+    for dirpath, images in walk.folders:
         relative = os.path.relpath(dirpath, root)
         if relative == os.curdir:
             raise ValueError(
                 f"Image files lie directly in `root`={root!r}; from_directory "
                 "expects one sub-folder per class (e.g. root/cat/1.png). "
-                f"Found e.g. {images[0]!r}"
+                f"Found e.g. {os.path.basename(images[0])!r}"
             )
         class_names.append(relative.replace(os.sep, "/"))
-        files.append([os.path.join(dirpath, f) for f in images])
+        files.append(images)
     if not class_names:
         raise ValueError(
             f"No image files ({', '.join(extensions)}) found in any folder "
             f"under `root`={root!r}: from_directory expects one sub-folder of "
-            "images per class, at any depth."
+            f"images per class, at any depth.{walk.describe_skipped(root)}"
         )
     return from_files(
         files, class_names, image_size=image_size, color_mode=color_mode,
         invert=invert, interpolation=interpolation, name=name,
         metadata={"source": "directory", "root": os.path.abspath(root)},
+        verbose=verbose,
     )
+
+
+class _ImageWalk:
+    """The result of `walk_image_folders`: folders of images, and what was skipped."""
+
+    def __init__(self):
+        self.folders = []  # (folder path, [image paths]) in walk order
+        self.hidden = []  # hidden names skipped (paths)
+        self.other_files = []  # files without an image extension (paths)
+
+    def describe_skipped(self, root):
+        notes = []
+        for label, paths in (
+            ("other file(s)", self.other_files),
+            ("hidden folder(s) or file(s), which are skipped", self.hidden),
+        ):
+            if paths:
+                shown = ", ".join(repr(os.path.relpath(p, root)) for p in paths[:3])
+                more = ", ..." if len(paths) > 3 else ""
+                notes.append(f"{len(paths)} {label}: {shown}{more}")
+        return f" Found {'; '.join(notes)}." if notes else ""
+
+
+def walk_image_folders(root, extensions=IMAGE_EXTENSIONS):
+    """Folders under `root` that hold image files, each real file counted once.
+
+    A depth-first walk in sorted name order (a folder before its
+    sub-folders), following symbolic links. Hidden entries (names starting
+    with `.`) are skipped. A link to a folder that contains it (a cycle) and
+    an image file reached twice (through links) raise a `ValueError` naming
+    the paths.
+
+    Args:
+        root: the folder to walk.
+        extensions: lower-case file name endings counted as images.
+
+    Returns:
+        An object with `folders`, a list of `(folder, [image paths])` for the
+        folders holding images, and `hidden` and `other_files`, the paths of
+        the hidden entries and of the non-image files skipped.
+    """
+    walk = _ImageWalk()
+    real_root = os.path.realpath(root)
+    seen_files = {}  # real path -> path of the image file
+    # (path, real path, real paths of the folders above and including it)
+    stack = [(root, real_root, (real_root,))]
+    while stack:
+        folder, real_folder, ancestors = stack.pop()
+        with os.scandir(folder) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+        images, subfolders = [], []
+        for entry in entries:
+            if entry.name.startswith("."):
+                walk.hidden.append(entry.path)
+                continue
+            link = entry.is_symlink()
+            if entry.is_dir():  # follows links
+                real = os.path.realpath(entry.path) if link else os.path.join(real_folder, entry.name)
+                if real in ancestors:
+                    raise ValueError(
+                        f"Symbolic link {entry.path!r} points to {real!r}, a folder "
+                        "that contains the link: following it would count the same "
+                        "images again and again. Remove the link (or point it "
+                        "outside the folder) and call again."
+                    )
+                subfolders.append((entry.path, real, ancestors + (real,)))
+            elif entry.name.lower().endswith(extensions):
+                # A broken link is kept: decoding then names it.
+                real = (
+                    os.path.realpath(entry.path) if link else os.path.join(real_folder, entry.name)
+                )
+                if real in seen_files:
+                    raise ValueError(
+                        f"Image file {real!r} is reached twice, as "
+                        f"{seen_files[real]!r} and as {entry.path!r}, through a "
+                        "symbolic link: each image must be counted once, in one "
+                        "class. Remove one of the links."
+                    )
+                seen_files[real] = entry.path
+                images.append(entry.path)
+            else:
+                walk.other_files.append(entry.path)
+        if images:
+            walk.folders.append((folder, images))
+        stack.extend(reversed(subfolders))
+    return walk
 
 
 def from_files(
@@ -393,41 +523,59 @@ def from_files(
     interpolation="lanczos3",
     name="files",
     metadata=None,
+    verbose="auto",
 ):
     """A source from lists of image files, one list per class.
 
     The decoding step of `from_directory`, for layouts it does not cover.
+    PNG, JPEG, BMP and GIF files (the first frame) are decoded.
 
     Args:
         files: a list per class of image paths.
         class_names: one name per class.
-        image_size, color_mode, invert, interpolation: as in `from_directory`.
+        image_size, color_mode, invert, interpolation, verbose: as in
+            `from_directory`.
         name: a name for error messages.
         metadata: dict recorded on the source.
 
     Returns:
         A `Source`.
     """
-    channels = COLOR_MODES[check_choice("color_mode", color_mode, tuple(COLOR_MODES))]
-    image_size = _check_image_size(image_size)
+    image_size, channels, verbose = _check_image_options(
+        image_size, color_mode, invert, interpolation, verbose
+    )
+    if isinstance(files, (str, bytes, os.PathLike)) or not hasattr(files, "__len__"):
+        raise ValueError(
+            "`files` must be a list per class of image paths. Received: "
+            f"files={files!r}"
+        )
+    if isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__len__"):
+        raise ValueError(
+            "`class_names` must be a list of class names, one per list of "
+            f"`files`. Received: class_names={class_names!r}"
+        )
     if len(files) != len(class_names):
         raise ValueError(
             "`files` must hold one list of files per class. Received: "
             f"{len(files)} lists for {len(class_names)} class names"
         )
-    for class_name, paths in zip(class_names, files):
+    for i, (class_name, paths) in enumerate(zip(class_names, files)):
+        if isinstance(paths, (str, bytes, os.PathLike)) or not hasattr(paths, "__len__"):
+            raise ValueError(
+                "`files` must be a list per class of image paths (a list of "
+                f"lists). Received: files[{i}]={paths!r} for class {class_name!r}"
+            )
         if not len(paths):
             raise ValueError(f"Class {class_name!r} of source {name!r} has no image files.")
-    paths = [p for paths in files for p in paths]
+    paths = [os.fspath(p) for paths in files for p in paths]
     labels = np.repeat(np.arange(len(files)), [len(p) for p in files])
 
+    def decode(contents):
+        image = decode_image(contents, channels)
+        return preprocess_images(image, image_size, None, invert, interpolation)
+
     def load(index):
-        image = tf.io.decode_image(
-            tf.io.read_file(tf.gather(paths, index)),
-            channels=channels,
-            expand_animations=False,
-        )
-        return preprocess_images(image, image_size, None, invert, interpolation), index
+        return decode(tf.io.read_file(tf.gather(paths, index))), index
 
     # Files that fail to read or decode are dropped by `ignore_errors` and
     # named below from the indices that did not come back.
@@ -436,16 +584,77 @@ def from_files(
         .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .ignore_errors()
     )
-    images, indices = _collect(dataset, image_size is not None, name, paths)
+    progress = None
+    if verbose == "auto":
+        verbose = int(len(paths) >= PROGRESS_MIN_IMAGES and _interactive_output())
+    if verbose:
+        import keras
+
+        keras.utils.io_utils.print_msg(
+            f"Decoding {len(paths)} images of {len(files)} classes (source {name!r})"
+        )
+        progress = keras.utils.Progbar(len(paths), verbose=verbose, unit_name="image")
+    images, indices = _collect(dataset, image_size is not None, name, paths, progress)
     if len(indices) != len(paths):
         bad = np.setdiff1d(np.arange(len(paths)), indices)
-        shown = ", ".join(repr(paths[i]) for i in bad[:5])
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        shown = "".join(
+            f"\n  {paths[i]!r}: {_why_unreadable(paths[i], decode)}" for i in bad[:5]
+        )
+        more = f"\n  and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise ValueError(
             f"Could not read or decode {len(bad)} image file(s) of source "
-            f"{name!r}: {shown}{more}. Remove them or fix them."
+            f"{name!r}:{shown}{more}\n"
+            "Remove them or fix them."
         )
     return Source(images, labels[indices], class_names, name=name, metadata=metadata)
+
+
+def decode_image(contents, channels):
+    """An image file's bytes -> uint8 `[height, width, channels]`.
+
+    PNG, JPEG and BMP decode through `tf.io.decode_image`; GIFs (which it
+    decodes to RGB only) through `tf.io.decode_gif`, keeping the first frame
+    and converting it to `channels`.
+    """
+
+    def gif():
+        frame = tf.io.decode_gif(contents)[0]
+        return tf.image.rgb_to_grayscale(frame) if channels == 1 else frame
+
+    def other():
+        return tf.io.decode_image(contents, channels=channels, expand_animations=False)
+
+    image = tf.cond(tf.equal(tf.strings.substr(contents, 0, 3), "GIF"), gif, other)
+    image.set_shape([None, None, channels])
+    return image
+
+
+def _why_unreadable(path, decode):
+    """Why `path` could not be loaded: a short reason for an error message."""
+    if not os.path.lexists(path):
+        return "no such file"
+    if not os.path.exists(path):
+        return f"a broken symbolic link (to {os.readlink(path)!r})"
+    try:
+        with open(path, "rb") as file:
+            contents = file.read()
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if not contents:
+        return "an empty file (0 bytes)"
+    try:
+        decode(tf.constant(contents))
+    except (tf.errors.OpError, ValueError) as error:
+        message = getattr(error, "message", None) or str(error)
+        message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message.strip())
+        message = re.sub(r"\s*\[Op:\w+\].*$", "", message.splitlines()[0])
+        return f"not a valid image ({message})"
+    return "failed to decode in the input pipeline"
+
+
+def _interactive_output():
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(isatty and isatty()) or "ipykernel" in sys.modules
 
 
 def from_tfds(
@@ -501,9 +710,30 @@ def from_tfds(
     if color_mode is not None:
         channels = COLOR_MODES[check_choice("color_mode", color_mode, tuple(COLOR_MODES))]
     image_size = _check_image_size(image_size)
-    dataset, info = tfds.load(
-        name, split=split, data_dir=data_dir, download=download, with_info=True
-    )
+    check_choice("interpolation", interpolation, INTERPOLATIONS)
+    if not isinstance(invert, (bool, np.bool_)):
+        raise ValueError(f"`invert` must be True or False. Received: invert={invert!r}")
+    try:
+        dataset, info = tfds.load(
+            name, split=split, data_dir=data_dir, download=download, with_info=True
+        )
+    except Exception as error:
+        where = f"`data_dir`={data_dir!r}" if data_dir is not None else "TFDS's data folder"
+        network = network_error(error)
+        if network is not None:
+            raise DatasetDownloadError(
+                f"Could not download TFDS {name!r}: {_describe_network_error(network)} "
+                f"Prepare the data set where there is network access and copy "
+                f"{where} here, or build the source from local files with "
+                "`from_directory`."
+            ) from error
+        if not download and isinstance(error, AssertionError) and "could not find data" in str(error):
+            raise FileNotFoundError(
+                f"TFDS {name!r} is not prepared in {where}, and `download=False` "
+                "forbids downloading it. Pass `download=True`, or the `data_dir` "
+                "where it was prepared."
+            ) from error
+        raise
     for key in (image_key, label_key):
         if key not in dataset.element_spec:
             raise ValueError(
@@ -544,6 +774,51 @@ def from_tfds(
     return source
 
 
+def network_error(error):
+    """The network failure behind `error` (in its cause chain), or None.
+
+    Connection-level failures count (no route, refused, name resolution,
+    timeouts, `requests` and `urllib3` connection errors, TFDS download
+    errors); other errors (a bad argument, a full disk) do not.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        module = type(error).__module__.split(".")[0]
+        if (
+            isinstance(error, (ConnectionError, TimeoutError, socket.gaierror,
+                               socket.herror, urllib.error.URLError))
+            or module in ("requests", "urllib3")
+            or type(error).__name__ == "DownloadError"
+        ):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _describe_network_error(error):
+    # requests wraps urllib3's MaxRetryError, whose `reason` is the failure
+    # itself (NewConnectionError, NameResolutionError): name that one.
+    for _ in range(5):
+        inner = getattr(error, "reason", None)
+        if not isinstance(inner, BaseException) and error.args:
+            inner = error.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    if type(error).__name__ in ("HTTPError", "DownloadError"):
+        return f"the server refused the download ({_short(error)})."
+    return (
+        f"no network access ({_short(error)}). This machine seems to be offline, "
+        "or the server is unreachable."
+    )
+
+
+def _short(error, limit=400):
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def preprocess_images(image, image_size, channels, invert, interpolation):
     """uint8 image(s) -> float32 in [0, 1]: channels, resize, inversion."""
     if channels is not None and image.shape[-1] != channels:
@@ -563,25 +838,73 @@ def preprocess_images(image, image_size, channels, invert, interpolation):
 def _check_image_size(image_size):
     if image_size is None:
         return None
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
     if (
-        len(image_size) != 2
+        isinstance(image_size, (str, bytes))
+        or not hasattr(image_size, "__len__")
+        or len(image_size) != 2
         or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1
                for s in image_size)
     ):
         raise ValueError(
-            "`image_size` must be (height, width) with positive ints, or None. "
-            f"Received: image_size={image_size!r}"
+            "`image_size` must be (height, width) with positive ints, a positive "
+            f"int for a square, or None. Received: image_size={image_size!r}"
         )
     return tuple(int(s) for s in image_size)
 
 
-def _collect(dataset, batched, name, paths):
+def _check_extensions(extensions):
+    if isinstance(extensions, str):
+        extensions = (extensions,)
+    try:
+        extensions = tuple(extensions)
+    except TypeError:
+        extensions = None
+    if not extensions or any(not isinstance(e, str) or not e.strip(".") for e in extensions):
+        raise ValueError(
+            "`extensions` must be a file name ending such as '.png' or a sequence "
+            f"of them. Received: extensions={extensions!r}"
+        )
+    return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+
+
+def _check_image_options(image_size, color_mode, invert, interpolation, verbose):
+    """(image_size, channels, verbose) after checking the decoding options."""
+    image_size = _check_image_size(image_size)
+    channels = COLOR_MODES[check_choice("color_mode", color_mode, tuple(COLOR_MODES))]
+    if not isinstance(invert, (bool, np.bool_)):
+        raise ValueError(f"`invert` must be True or False. Received: invert={invert!r}")
+    check_choice("interpolation", interpolation, INTERPOLATIONS)
+    return image_size, channels, _check_verbose(verbose)
+
+
+def _check_verbose(verbose):
+    if verbose == "auto" and isinstance(verbose, str):
+        return verbose
+    if isinstance(verbose, (bool, np.bool_)):
+        return int(verbose)
+    if isinstance(verbose, (int, np.integer)) and verbose in (0, 1, 2):
+        return int(verbose)
+    raise ValueError(
+        "`verbose` must be 'auto', 0, 1, 2, True or False. Received: "
+        f"verbose={verbose!r}"
+    )
+
+
+def _collect(dataset, batched, name, paths, progress=None):
     """(images, indices) as numpy arrays from a dataset of (image, index)."""
+    done = 0
     if batched:
         images, indices = [], []
         for x, i in dataset.batch(512).prefetch(2).as_numpy_iterator():
             images.append(x)
             indices.append(i)
+            done += len(i)
+            if progress is not None:
+                progress.update(done)
+        if progress is not None:
+            progress.update(done, finalize=True)
         if not images:
             return np.zeros((0,)), np.zeros((0,), np.int64)
         return np.concatenate(images), np.concatenate(indices)
@@ -595,7 +918,10 @@ def _collect(dataset, batched, name, paths):
             )
         images.append(x)
         indices.append(i)
+        if progress is not None and len(images) % 64 == 0:
+            progress.update(len(images))
+    if progress is not None:
+        progress.update(len(images), finalize=True)
     if not images:
         return np.zeros((0,)), np.zeros((0,), np.int64)
     return np.stack(images), np.array(indices)
-
