@@ -199,3 +199,37 @@ def test_maml_learns_on_real_omniglot(omniglot_dir):
     after = accuracy()
     # chance is 0.2; measured: 0.355 before meta-training, 0.568 after
     assert after > 0.45 and after > before + 0.1, (before, after)
+
+
+def test_local_folder_skips_hidden_entries_and_takes_an_int_size(tmp_path):
+    """A small generated copy: hidden folders are no characters, image_size=n works."""
+    root = tmp_path / "omniglot" / "images_background"
+    for alphabet in ("Greek", "Latin"):
+        for character in range(1, 6):
+            for drawer in range(1, 4):
+                path = root / alphabet / f"character{character:02d}" / f"{drawer}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image = np.full((10, 10, 1), 255, np.uint8)
+                image[character, :drawer] = 0  # a short black stroke
+                path.write_bytes(tf.io.encode_png(image).numpy())
+    checkpoint = root / "Greek" / "character01" / ".ipynb_checkpoints" / "1-checkpoint.png"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes((root / "Greek" / "character01" / "1.png").read_bytes())
+    (root / ".DS_Store").write_bytes(b"\x00")
+    (root / "Latin" / "._character01").write_bytes(b"\x00")
+    omniglot_module._all_characters.cache_clear()
+    parts = [km.data.omniglot(s, class_split={"train": 6, "test": 4}, data_dir=root.parent,
+                              image_size=5, verbose=0) for s in ("train", "test")]
+    names = set(parts[0].class_names) | set(parts[1].class_names)
+    assert names == {f"{a}/character{c:02d}" for a in ("Greek", "Latin") for c in range(1, 6)}
+    for part in parts:
+        np.testing.assert_array_equal(part.examples_per_class, 3)
+        assert part.x.shape[1:] == (5, 5, 1)
+    # a link cycle in the folder is refused, naming the link
+    (root / "Latin" / "loop").symlink_to("..", target_is_directory=True)
+    omniglot_module._all_characters.cache_clear()
+    with pytest.raises(ValueError, match=r"Symbolic link '.*/Latin/loop' points to "
+                                         r"'.*/images_background', a folder that contains "
+                                         r"the link"):
+        km.data.omniglot("train", data_dir=root.parent)
+    omniglot_module._all_characters.cache_clear()

@@ -316,3 +316,126 @@ def test_from_tfds_errors():
                                              r"example\. Received: dtype uint8, shape "
                                              r"\(28, 28, 1\)"):
             km.data.from_tfds("mnist", "train", label_key="image")
+
+
+# ----------------------------------------------------------------------
+# from_directory: hidden entries, links, int sizes, GIFs, progress
+
+
+def _gray_folder(root, classes=("a", "b", "c"), per_class=3, size=(5, 5)):
+    """Constant grayscale PNGs: class c, image i has the value 40 * c + i."""
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            _write_png(root / name / f"{i}.png", np.full(size + (1,), 40 * c + i))
+    return root
+
+
+def _values(source):
+    """{class name: sorted pixel values x 255} of a source of constant images."""
+    return {
+        name: sorted(np.round(source.x[source.y == c][:, 0, 0, 0] * 255).astype(int).tolist())
+        for c, name in enumerate(source.class_names)
+    }
+
+
+def test_from_directory_skips_hidden_folders_and_files(tmp_path):
+    root = _gray_folder(tmp_path / "data")
+    # a notebook's checkpoints inside a class, a hidden class, macOS debris
+    _write_png(root / "a" / ".ipynb_checkpoints" / "0-checkpoint.png", np.zeros((5, 5, 1)))
+    _write_png(root / ".hidden_class" / "0.png", np.zeros((5, 5, 1)))
+    _write_png(root / "b" / "._0.png", np.zeros((5, 5, 1)))
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "c" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    source = km.data.from_directory(root, image_size=None)
+    assert source.class_names == ("a", "b", "c")
+    assert _values(source) == {"a": [0, 1, 2], "b": [40, 41, 42], "c": [80, 81, 82]}
+
+
+def test_from_directory_follows_links_and_counts_each_image_once(tmp_path):
+    root = _gray_folder(tmp_path / "data", classes=("a", "b"))
+    elsewhere = _gray_folder(tmp_path / "elsewhere", classes=("x", "y", "z"))
+    (root / "linked").symlink_to(elsewhere / "z", target_is_directory=True)
+    (root / "b" / "extra.png").symlink_to(elsewhere / "x" / "2.png")
+    source = km.data.from_directory(root, image_size=None)
+    assert source.class_names == ("a", "b", "linked")
+    assert _values(source) == {"a": [0, 1, 2], "b": [2, 40, 41, 42], "linked": [80, 81, 82]}
+    # a cycle (`ln -s .. loop`) is refused instead of walked 40 levels deep
+    # into classes "a/loop/a", "a/loop/a/loop/a", ... with repeated images
+    (root / "a" / "loop").symlink_to("..", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"Symbolic link '.*/data/a/loop' points to "
+                                         r"'.*/data', a folder that contains the link"):
+        km.data.from_directory(root, image_size=None)
+    (root / "a" / "loop").unlink()
+    assert km.data.from_directory(root, image_size=None).class_names == source.class_names
+    # the root itself may be a link
+    (tmp_path / "alias").symlink_to(root, target_is_directory=True)
+    assert _values(km.data.from_directory(tmp_path / "alias", image_size=None)) == \
+        _values(source)
+
+
+def test_from_directory_int_image_size(rgb_folder):
+    square = km.data.from_directory(rgb_folder, image_size=4)
+    pair = km.data.from_directory(rgb_folder, image_size=(4, 4))
+    assert square.x.shape == (12, 4, 4, 1)
+    np.testing.assert_array_equal(square.x, pair.x)
+    assert km.data.from_directory(rgb_folder, image_size=np.int64(3)).example_shape == (3, 3, 1)
+
+
+def _pil():
+    return pytest.importorskip("PIL.Image")
+
+
+def test_from_directory_gifs_in_grayscale_and_rgb(tmp_path):
+    Image = _pil()
+    gray = (np.arange(48, dtype=np.uint8).reshape(6, 8) * 5).astype(np.uint8)
+    color = np.stack([gray, gray // 2, 255 - gray], axis=-1)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        # two frames: only the first is kept
+        Image.fromarray(gray, "L").save(
+            tmp_path / name / "0_gray.gif", save_all=True,
+            append_images=[Image.fromarray(255 - gray, "L")],
+        )
+        Image.fromarray(color, "RGB").save(tmp_path / name / "1_color.gif")
+        _write_png(tmp_path / name / "2_color.png", color)
+    source = km.data.from_directory(tmp_path, image_size=None)
+    assert source.x.shape == (6, 6, 8, 1)
+    np.testing.assert_allclose(source.x[0, ..., 0], gray / 255, atol=1e-6)
+    # an RGB GIF in grayscale: the luma of its pixels, as for the same PNG
+    luma = color @ np.array([0.2989, 0.5870, 0.1140])
+    np.testing.assert_allclose(source.x[1, ..., 0], luma / 255, atol=1 / 255 + 1e-6)
+    np.testing.assert_allclose(source.x[1], source.x[2], atol=1 / 255 + 1e-6)
+    rgb = km.data.from_directory(tmp_path, image_size=None, color_mode="rgb")
+    assert rgb.x.shape == (6, 6, 8, 3)
+    np.testing.assert_allclose(rgb.x[0], np.repeat(gray[..., None], 3, -1) / 255, atol=1e-6)
+    np.testing.assert_allclose(rgb.x[1], color / 255, atol=1e-6)
+    np.testing.assert_array_equal(rgb.x[1], rgb.x[2])
+    resized = km.data.from_directory(tmp_path, image_size=3, color_mode="rgb")
+    assert resized.x.shape == (6, 3, 3, 3)
+
+
+def test_from_directory_progress_bar(rgb_folder, capsys, monkeypatch):
+    km.data.from_directory(rgb_folder, verbose=1)
+    shown = capsys.readouterr().out
+    assert "Decoding 12 images of 3 classes (source 'flat')" in shown
+    assert shown.count("12/12") == 1  # one final line
+    # "auto": quiet for small folders and when the output is not a terminal
+    sources = __import__("keras_meta.data.sources", fromlist=["sources"])
+    km.data.from_directory(rgb_folder)
+    km.data.from_directory(rgb_folder, verbose=0)
+    monkeypatch.setattr(sources, "PROGRESS_MIN_IMAGES", 10)
+    km.data.from_directory(rgb_folder)  # pytest's captured output is no terminal
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(sources, "_interactive_output", lambda: True)
+    km.data.from_directory(rgb_folder, image_size=None)
+    assert capsys.readouterr().out.count("12/12") == 1
+    monkeypatch.setattr(sources, "PROGRESS_MIN_IMAGES", 13)
+    km.data.from_directory(rgb_folder)
+    assert capsys.readouterr().out == ""
+
+
+def test_from_tfds_int_image_size_mocked():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=8):
+        source = km.data.from_tfds("mnist", "train", image_size=7)
+    assert source.x.shape == (8, 7, 7, 1)

@@ -590,9 +590,14 @@ def from_files(
     if verbose:
         import keras
 
-        keras.utils.io_utils.print_msg(
-            f"Decoding {len(paths)} images of {len(files)} classes (source {name!r})"
-        )
+        message = f"Decoding {len(paths)} images of {len(files)} classes (source {name!r})"
+        if keras.config.is_interactive_logging_enabled():  # as Progbar prints
+            sys.stdout.write(message + "\n")
+            sys.stdout.flush()
+        else:
+            from absl import logging
+
+            logging.info(message)
         progress = keras.utils.Progbar(len(paths), verbose=verbose, unit_name="image")
     images, indices = _collect(dataset, image_size is not None, name, paths, progress)
     if len(indices) != len(paths):
@@ -838,6 +843,7 @@ def preprocess_images(image, image_size, channels, invert, interpolation):
 def _check_image_size(image_size):
     if image_size is None:
         return None
+    received = image_size
     if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
         image_size = (image_size, image_size)
     if (
@@ -849,7 +855,7 @@ def _check_image_size(image_size):
     ):
         raise ValueError(
             "`image_size` must be (height, width) with positive ints, a positive "
-            f"int for a square, or None. Received: image_size={image_size!r}"
+            f"int for a square, or None. Received: image_size={received!r}"
         )
     return tuple(int(s) for s in image_size)
 
@@ -903,7 +909,7 @@ def _collect(dataset, batched, name, paths, progress=None):
             done += len(i)
             if progress is not None:
                 progress.update(done)
-        if progress is not None:
+        if progress is not None and done < progress.target:  # files failed
             progress.update(done, finalize=True)
         if not images:
             return np.zeros((0,)), np.zeros((0,), np.int64)
@@ -920,7 +926,7 @@ def _collect(dataset, batched, name, paths, progress=None):
         indices.append(i)
         if progress is not None and len(images) % 64 == 0:
             progress.update(len(images))
-    if progress is not None:
+    if progress is not None and (len(images) % 64 or len(images) < progress.target):
         progress.update(len(images), finalize=True)
     if not images:
         return np.zeros((0,)), np.zeros((0,), np.int64)
