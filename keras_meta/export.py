@@ -67,6 +67,7 @@ def export_adaptive(
             f"{type(learner).__name__}"
         )
     learner._inner_loss_fn()  # fails early, with its message, if not compiled
+    learner.check_finite_weights("export")
     steps = check_positive_int(
         "steps", learner.adaptation_steps if steps is None else steps
     )

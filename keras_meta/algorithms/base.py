@@ -395,7 +395,7 @@ class MetaLearner(keras.Model):
     # ------------------------------------------------------------------
     # Episode checks.
 
-    def _check_episode(self, data, keys=EPISODE_KEYS):
+    def _check_episode(self, data, keys=EPISODE_KEYS, single_task=False):
         name = type(self).__name__
         data = _as_episode_dict(data)
         if not isinstance(data, dict):
@@ -419,6 +419,7 @@ class MetaLearner(keras.Model):
                     f"examples, ...] (rank >= 2). Received: shape={value.shape}"
                 )
         shapes = {key: value.shape for key, value in episode.items()}
+        self._check_shapes(shapes, single_task)
         meta_batch = {k: s[0] for k, s in shapes.items() if s.rank and s[0] is not None}
         if len(set(meta_batch.values())) > 1:
             raise ValueError(
@@ -436,7 +437,6 @@ class MetaLearner(keras.Model):
                         f"{tuple(shapes[x_key])}, {y_key} shape="
                         f"{tuple(shapes[y_key])}"
                     )
-        self._check_shapes(shapes)
         return episode
 
     def _input_shape(self):
@@ -469,7 +469,7 @@ class MetaLearner(keras.Model):
             self.__dict__["_output_width"] = spec.shape[-1]
         return cache[key]
 
-    def _check_shapes(self, shapes):
+    def _check_shapes(self, shapes, single_task=False):
         """Static checks of the per-example shapes of an episode's entries."""
         expected = self._input_shape()
         for key in ("support_x", "query_x"):
@@ -480,6 +480,18 @@ class MetaLearner(keras.Model):
             if _compatible(example, expected):
                 continue
             hint = ""
+            if single_task:
+                shape = shape[1:]
+                if _compatible(tuple(shape[2:]), expected):
+                    hint = (
+                        " `adapt` takes one task without a meta-batch axis: "
+                        "pass `support_x[0]`, `support_y[0]`."
+                    )
+                raise ValueError(
+                    f"`support_x` of one task must have shape [examples] + "
+                    f"{expected} (the model's input shape per example). "
+                    f"Received: support_x shape={tuple(shape)}.{hint}"
+                )
             if _compatible(tuple(shape[1:]), expected):
                 hint = (
                     " The meta-batch axis is missing: add one (`x[None]` for "
@@ -691,6 +703,28 @@ class MetaLearner(keras.Model):
             ("predictions",),
         )
         return results["predictions"]
+
+    # ------------------------------------------------------------------
+    # In-memory episodes: checked before Keras slices them into batches
+    # (its adapters would report mismatched support and query sizes as an
+    # ambiguous cardinality, or fail on a missing meta-batch axis).
+
+    def fit(self, x=None, *args, **kwargs):
+        self._check_in_memory(x, EPISODE_KEYS)
+        return super().fit(x, *args, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        self._check_in_memory(x, EPISODE_KEYS)
+        return super().evaluate(x, *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        self._check_in_memory(x, PREDICT_KEYS)
+        return super().predict(x, *args, **kwargs)
+
+    def _check_in_memory(self, x, keys):
+        if isinstance(x, dict) and not isinstance(x, tf.data.Dataset):
+            present = [key for key in keys if key in x]
+            self._check_episode(x, present if len(present) == len(keys) else keys)
 
     # ------------------------------------------------------------------
     # Step functions: Keras' own, run with the checks below.
@@ -968,6 +1002,14 @@ class MetaLearner(keras.Model):
         )
         support_x = tf.convert_to_tensor(support_x)
         support_y = tf.convert_to_tensor(support_y)
+        # One task: checked as a meta-batch of one.
+        self._check_values(
+            self._check_episode(
+                {"support_x": support_x[None], "support_y": support_y[None]},
+                ("support_x", "support_y"),
+                single_task=True,
+            )
+        )
         if support_x.shape.rank < 1 or support_x.shape[0] != support_y.shape[0]:
             raise ValueError(
                 "`support_x` and `support_y` must hold the same number of "
@@ -986,7 +1028,39 @@ class MetaLearner(keras.Model):
             support_training,
             create_graph=False,
         )
+        names = [v.path for v in self.model.trainable_variables]
+        try:
+            self.check_finite_weights("adapt", list(zip(names, fast)))
+        except ValueError as error:
+            raise ValueError(
+                f"{error} (here: the weights after {steps} inner steps on "
+                "this support set; the inner loop diverged, lower "
+                "`inner_learning_rate` or the steps)"
+            ) from None
         return self.export_model(fast, non_trainable, support_x)
+
+    def check_finite_weights(self, action="save", weights=None):
+        """Raises ValueError if a weight of the wrapped model is NaN or infinite.
+
+        keras_meta never saves or exports non-finite weights: `save`,
+        `export_adaptive` and `adapt` call this first.
+        """
+        if weights is None:
+            weights = [(v.path, v) for v in self.model.weights]
+        bad = [name for name, value in weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(value)))]
+        if bad:
+            raise ValueError(
+                f"Refusing to {action} {type(self).__name__} {self.name!r}: "
+                f"{len(bad)} weight tensor(s) hold NaN or infinite values "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}). The "
+                "training diverged: lower the learning rates "
+                "(`inner_learning_rate`, the optimizer's) and retrain, or "
+                "restore an earlier checkpoint."
+            )
+
+    def save(self, filepath, *args, **kwargs):
+        self.check_finite_weights("save")
+        return super().save(filepath, *args, **kwargs)
 
     def export_model(self, params, non_trainable, support_x):
         """A clone of the wrapped model holding fast weights `params`.
