@@ -55,14 +55,13 @@ def omniglot(
 
     Loads every character (from TFDS by default, which downloads the data on
     first use, or from a local folder with `data_dir`, which works offline),
-    as 28x28 grayscale
-    images in [0, 1] with strokes at 1 (inverted from the files' black on
-    white), then keeps the characters of `split`. Characters are named
-    `"<alphabet>/characterNN"` whichever the origin, sorted, shuffled with
-    `random.Random(seed)` and cut into consecutive blocks, so the splits are
-    disjoint, reproducible, and the same from TFDS and from a full local copy.
-    The returned source lists its characters in `class_names` and the split in
-    `metadata`.
+    as 28x28 grayscale images in [0, 1] with strokes at 1 (inverted from the
+    files' black on white), then keeps the characters of `split`. Characters
+    are named `"<alphabet>/characterNN"` whichever the origin, sorted,
+    shuffled with `random.Random(seed)` and cut into consecutive blocks, so
+    the splits are disjoint, reproducible, and the same from TFDS and from a
+    full local copy. The returned source lists its characters in
+    `class_names` and the split in `metadata`.
 
     Class splits (`class_split`):
 

@@ -481,9 +481,12 @@ def walk_image_folders(root, extensions=IMAGE_EXTENSIONS):
             if entry.name.startswith("."):
                 walk.hidden.append(entry.path)
                 continue
-            link = entry.is_symlink()
+            # Below a known real folder, only a link needs resolving.
+            if entry.is_symlink():
+                real = os.path.realpath(entry.path)
+            else:
+                real = os.path.join(real_folder, entry.name)
             if entry.is_dir():  # follows links
-                real = os.path.realpath(entry.path) if link else os.path.join(real_folder, entry.name)
                 if real in ancestors:
                     raise ValueError(
                         f"Symbolic link {entry.path!r} points to {real!r}, a folder "
@@ -494,9 +497,6 @@ def walk_image_folders(root, extensions=IMAGE_EXTENSIONS):
                 subfolders.append((entry.path, real, ancestors + (real,)))
             elif entry.name.lower().endswith(extensions):
                 # A broken link is kept: decoding then names it.
-                real = (
-                    os.path.realpath(entry.path) if link else os.path.join(real_folder, entry.name)
-                )
                 if real in seen_files:
                     raise ValueError(
                         f"Image file {real!r} is reached twice, as "
@@ -682,13 +682,19 @@ def from_tfds(
     `ClassLabel` names when it has them. Needs `tensorflow-datasets`
     (`pip install keras-meta[datasets]`).
 
+    A download that fails for want of network access (or with an HTTP error)
+    raises `DatasetDownloadError`, a `ConnectionError` whose message names
+    the failure and is chained to TFDS's error; with `download=False`, a data
+    set not yet prepared in `data_dir` raises `FileNotFoundError`.
+
     Args:
         name: TFDS name, e.g. `"omniglot"`.
         split: TFDS split, e.g. `"train"` or `"train+test"`.
         image_key: feature holding the inputs.
         label_key: feature holding the integer class label.
         data_dir: TFDS data folder (default TFDS's own).
-        image_size: `(height, width)` to resize to, or `None`.
+        image_size: `(height, width)` (or an int for a square) to resize
+            to, or `None`.
         color_mode: `None` (keep), `"grayscale"` or `"rgb"`.
         invert: `x -> 1 - x` after scaling.
         interpolation: a `tf.image.resize` method.
@@ -732,7 +738,8 @@ def from_tfds(
                 f"{where} here, or build the source from local files with "
                 "`from_directory`."
             ) from error
-        if not download and isinstance(error, AssertionError) and "could not find data" in str(error):
+        not_prepared = isinstance(error, AssertionError) and "could not find data" in str(error)
+        if not download and not_prepared:
             raise FileNotFoundError(
                 f"TFDS {name!r} is not prepared in {where}, and `download=False` "
                 "forbids downloading it. Pass `download=True`, or the `data_dir` "
