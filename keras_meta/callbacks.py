@@ -6,6 +6,12 @@ Callbacks that add entries to the epoch logs (`MetaEvaluation`,
 `ModelCheckpoint`, ...): Keras calls callbacks in list order with one shared
 logs dict. Callbacks that hold a dataset are not serializable (Keras does not
 serialize callbacks with models); `DerivativeOrderAnnealing` is.
+
+Keras' `CSVLogger` adds an empty `val_<key>` column for every key when none
+of the first epoch's keys starts with `val_` (it expects `fit`'s own
+validation). Give `MetaEvaluation` a prefix starting with `val` (e.g.
+`prefix="val"`: `val_loss`, `val_accuracy`, ...) when it is the only
+validation of a run logged by `CSVLogger`.
 """
 
 import keras
@@ -43,8 +49,16 @@ class MetaEvaluation(keras.callbacks.Callback):
         num_episodes: tasks to evaluate (MAML's protocol: 600).
         inner_steps: inner steps per task; default the learner's.
         every_n_epochs: evaluation frequency.
-        prefix: prefix of the log keys.
-        verbose: 1 prints a progress bar and the result.
+        prefix: prefix of the log keys (`"val"` gives Keras' validation
+            names, `val_loss`, `val_accuracy`, which `CSVLogger` and
+            `EarlyStopping`'s default monitor expect).
+        verbose: 1 shows a progress bar over the tasks (`keras.utils.Progbar`,
+            2 one line at the end); the values are printed too unless
+            `fit`'s own progress bar shows them.
+
+    An `AdaptationCurve` built on this callback (`AdaptationCurve(evaluation,
+    max_steps=...)`) reads its curve from the same evaluation: the tasks are
+    adapted once per epoch, along every step either callback needs.
 
     Example:
 
@@ -75,31 +89,55 @@ class MetaEvaluation(keras.callbacks.Callback):
         self.prefix = prefix
         self.verbose = verbose
         self.results = None
+        self._extra_steps = set()  # what an AdaptationCurve on this evaluation needs
+        self._evaluated_epoch = None
+        self._values = None
 
     def set_model(self, model):
         _check_learner(self, model)
         super().set_model(model)
 
-    def evaluate(self):
-        """Runs the evaluation now; returns the logged values as a dict."""
-        steps = [self.inner_steps or self.model.adaptation_steps]
+    @property
+    def steps(self):
+        """The inner-step counts one evaluation scores, increasing."""
+        return sorted({self.inner_steps or self.model.adaptation_steps} | self._extra_steps)
+
+    def evaluate(self, print_values=None):
+        """Runs the evaluation now; returns the logged values as a dict.
+
+        `results` then holds `evaluate_episodes`' arrays for `steps`.
+        """
+        steps = self.steps
         self.results = evaluate_episodes(
             self.model, self.episodes, self.num_episodes, steps, verbose=self.verbose
         )
+        column = steps.index(self.inner_steps or self.model.adaptation_steps)
         values = {}
         for name in ("loss", "accuracy"):
             if name in self.results:
-                mean, ci95 = mean_and_ci95(self.results[name][:, -1])
+                mean, ci95 = mean_and_ci95(self.results[name][:, column])
                 values[f"{self.prefix}_{name}"] = float(mean)
                 values[f"{self.prefix}_{name}_ci95"] = float(ci95)
-        if self.verbose:
+        if self.verbose if print_values is None else print_values:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in values.items()))
         return values
+
+    def on_train_begin(self, logs=None):
+        self._evaluated_epoch = None
+
+    def _evaluate_epoch(self, epoch):
+        """One evaluation per epoch, whichever callback asks first."""
+        if self._evaluated_epoch != epoch:
+            # Inside `fit` with a progress bar, the values land in its logs.
+            quiet = bool(self.params and self.params.get("verbose"))
+            self._values = self.evaluate(print_values=self.verbose and not quiet)
+            self._evaluated_epoch = epoch
+        return self._values
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_n_epochs:
             return
-        values = self.evaluate()
+        values = self._evaluate_epoch(epoch)
         if logs is not None:
             logs.update(values)
 
@@ -115,9 +153,14 @@ class AdaptationCurve(keras.callbacks.Callback):
     them to a PNG.
 
     Args:
-        episodes: `tf.data.Dataset` of episode dicts.
+        episodes: `tf.data.Dataset` of episode dicts, or a `MetaEvaluation`
+            callback: then the curve comes from that callback's evaluation of
+            its tasks (one evaluation per epoch for both, instead of two of
+            the same episodes; the `MetaEvaluation` may be in the callbacks
+            list or not).
         max_steps: last inner step of the curve.
-        num_episodes: tasks per evaluation.
+        num_episodes: tasks per evaluation (default 100; with a
+            `MetaEvaluation`, its `num_episodes`).
         every_n_epochs: evaluation frequency.
         prefix: prefix of the log keys.
 
@@ -128,15 +171,37 @@ class AdaptationCurve(keras.callbacks.Callback):
     maml.fit(episodes, epochs=5, steps_per_epoch=200, callbacks=[curve])
     curve.plot("adaptation.png")
     ```
+
+    Sharing one evaluation with `MetaEvaluation`:
+
+    ```python
+    evaluation = km.callbacks.MetaEvaluation(val_episodes, num_episodes=100, prefix="val")
+    curve = km.callbacks.AdaptationCurve(evaluation, max_steps=10)
+    maml.fit(episodes, epochs=5, steps_per_epoch=200, callbacks=[evaluation, curve])
+    ```
     """
 
     def __init__(
-        self, episodes, max_steps=10, num_episodes=100, every_n_epochs=1, prefix="adaptation"
+        self, episodes, max_steps=10, num_episodes=None, every_n_epochs=1, prefix="adaptation"
     ):
         super().__init__()
-        self.episodes = episodes
         self.max_steps = check_positive_int("max_steps", max_steps)
-        self.num_episodes = check_positive_int("num_episodes", num_episodes)
+        self.evaluation = episodes if isinstance(episodes, MetaEvaluation) else None
+        if self.evaluation is not None:
+            if num_episodes is not None and num_episodes != self.evaluation.num_episodes:
+                raise ValueError(
+                    "`num_episodes` is the MetaEvaluation's when `episodes` is a "
+                    "MetaEvaluation: leave it unset. Received: "
+                    f"num_episodes={num_episodes!r}, MetaEvaluation num_episodes="
+                    f"{self.evaluation.num_episodes}"
+                )
+            num_episodes = self.evaluation.num_episodes
+            self.evaluation._extra_steps.update(range(self.max_steps + 1))
+            episodes = self.evaluation.episodes
+        self.episodes = episodes
+        self.num_episodes = check_positive_int(
+            "num_episodes", 100 if num_episodes is None else num_episodes
+        )
         self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
         self.prefix = prefix
         self.curves = []  # dicts: epoch, steps, loss [S], accuracy [S] (optional)
@@ -144,12 +209,24 @@ class AdaptationCurve(keras.callbacks.Callback):
     def set_model(self, model):
         _check_learner(self, model)
         super().set_model(model)
+        if self.evaluation is not None and self.evaluation._model is not model:
+            self.evaluation.set_model(model)  # not in the callbacks list
+
+    def on_train_begin(self, logs=None):
+        if self.evaluation is not None:
+            self.evaluation.on_train_begin(logs)
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_n_epochs:
             return
         steps = list(range(self.max_steps + 1))
-        results = evaluate_episodes(self.model, self.episodes, self.num_episodes, steps)
+        if self.evaluation is not None:
+            self.evaluation._evaluate_epoch(epoch)
+            results = self.evaluation.results
+            columns = [list(results["steps"]).index(step) for step in steps]
+            results = {k: v[:, columns] for k, v in results.items() if k != "steps"}
+        else:
+            results = evaluate_episodes(self.model, self.episodes, self.num_episodes, steps)
         curve = {"epoch": epoch + 1, "steps": np.asarray(steps)}
         for name in ("loss", "accuracy"):
             if name in results:

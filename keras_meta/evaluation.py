@@ -21,7 +21,8 @@ def evaluate_episodes(learner, episodes, num_tasks=600, steps=None, verbose=0):
         episodes: a `tf.data.Dataset` (or any iterable) of episode dicts.
         num_tasks: tasks to evaluate (MAML's protocol: 600).
         steps: increasing inner-step counts; default `[learner's eval steps]`.
-        verbose: 1 shows a progress bar.
+        verbose: 1 shows a progress bar over the tasks
+            (`keras.utils.Progbar`), 2 one line at the end, 0 nothing.
 
     Returns:
         A dict of numpy arrays: `"steps"` `[S]`, `"loss"` `[num_tasks, S]`
@@ -37,7 +38,9 @@ def evaluate_episodes(learner, episodes, num_tasks=600, steps=None, verbose=0):
     num_tasks = check_positive_int("num_tasks", num_tasks)
     steps = [learner.adaptation_steps] if steps is None else list(steps)
     losses, accuracies, seen = [], [], 0
-    progress = keras.utils.Progbar(num_tasks, unit_name="task") if verbose else None
+    progress = (
+        keras.utils.Progbar(num_tasks, verbose=verbose, unit_name="task") if verbose else None
+    )
     for element in episodes:
         episode = {key: element[key] for key in EPISODE_KEYS if key in element}
         results = learner.evaluate_tasks(episode, steps=steps)

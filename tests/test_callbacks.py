@@ -98,6 +98,73 @@ def test_adaptation_curve_logs_every_step_and_plots(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_adaptation_curve_reads_the_meta_evaluation(monkeypatch, tmp_path):
+    """One evaluation of the validation tasks per epoch for both callbacks, and a CSV
+    history without empty columns when the prefix is Keras' `val`."""
+    calls = []
+    real = km.callbacks.evaluate_episodes
+
+    def counting(learner, episodes, num_tasks, steps=None, verbose=0):
+        calls.append((num_tasks, list(steps)))
+        return real(learner, episodes, num_tasks, steps, verbose=verbose)
+
+    monkeypatch.setattr(km.callbacks, "evaluate_episodes", counting)
+    learner = _learner()
+    evaluation = km.callbacks.MetaEvaluation(_episodes(100), num_episodes=4, inner_steps=2,
+                                             prefix="val")
+    curve = km.callbacks.AdaptationCurve(evaluation, max_steps=3)
+    history = learner.fit(_episodes(0), steps_per_epoch=2, epochs=2, verbose=0, callbacks=[
+        evaluation, curve, keras.callbacks.CSVLogger(str(tmp_path / "history.csv"))]).history
+    assert calls == [(4, [0, 1, 2, 3])] * 2  # once per epoch, along every step either needs
+    assert history["val_accuracy"] == pytest.approx(history["adaptation_accuracy_step_2"])
+    assert history["val_loss"] == pytest.approx(history["adaptation_loss_step_2"])
+    separate = real(learner, _episodes(100), 4, steps=[0, 1, 2, 3])
+    np.testing.assert_allclose(curve.curves[-1]["loss"], separate["loss"].mean(axis=0), rtol=1e-6)
+    assert curve.num_episodes == 4 and curve.episodes is evaluation.episodes
+    with open(tmp_path / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and "val_val_loss" not in rows[0]
+    assert all(value != "" for row in rows for value in row.values())
+    # Without the MetaEvaluation in the list, the curve still evaluates through it.
+    calls.clear()
+    curve = km.callbacks.AdaptationCurve(
+        km.callbacks.MetaEvaluation(_episodes(100), num_episodes=4), max_steps=1)
+    learner.fit(_episodes(0), steps_per_epoch=1, epochs=1, callbacks=[curve], verbose=0)
+    assert calls == [(4, sorted({0, 1, learner.adaptation_steps}))] and len(curve.curves) == 1
+
+
+def test_adaptation_curve_takes_its_task_count_from_the_meta_evaluation():
+    evaluation = km.callbacks.MetaEvaluation(_episodes(100), num_episodes=4)
+    with pytest.raises(ValueError, match=r"`num_episodes` is the MetaEvaluation's when `episodes` "
+                                         r"is a MetaEvaluation: leave it unset\. Received: "
+                                         r"num_episodes=5, MetaEvaluation num_episodes=4"):
+        km.callbacks.AdaptationCurve(evaluation, num_episodes=5)
+
+
+def test_evaluations_show_progress_bars_when_verbose(capsys):
+    maml = km.MAML(km.models.mlp(seed=0), inner_learning_rate=0.01)
+    maml.compile(optimizer="adam", loss="mse")
+    episodes = km.data.sinusoid(meta_batch_size=10, seed=5)
+    km.evaluation.evaluate_episodes(maml, episodes, 20, verbose=0)
+    quiet = km.callbacks.MetaEvaluation(episodes, num_episodes=20)
+    quiet.set_model(maml)
+    quiet.evaluate()
+    assert capsys.readouterr().out == ""
+    km.evaluation.evaluate_episodes(maml, episodes, 20, verbose=1)
+    assert "20/20" in capsys.readouterr().out
+    loud = km.callbacks.MetaEvaluation(episodes, num_episodes=20, verbose=1)
+    loud.set_model(maml)
+    values = loud.evaluate()
+    out = capsys.readouterr().out
+    assert "20/20" in out and f"meta_test_loss: {values['meta_test_loss']:.4f}" in out
+    # Inside fit with its progress bar the values go to fit's logs, not a print.
+    maml.fit(km.data.sinusoid(meta_batch_size=4, seed=0), steps_per_epoch=1, epochs=1, verbose=1,
+             callbacks=[loud])
+    out = capsys.readouterr().out
+    assert "20/20" in out and "meta_test_loss:" in out and " - meta_test_loss" in out
+    assert out.count("meta_test_loss:") == 1
+
+
 def test_derivative_order_annealing_switches_the_compiled_step():
     def run(callbacks, first_order):
         learner = km.MAML(helpers.small_convnet(seed=4), inner_learning_rate=0.5, first_order=first_order)
