@@ -683,8 +683,13 @@ class MetaLearner(keras.Model):
         return self._update_metrics(episode, results, training=False)
 
     def predict_step(self, data):
-        predictions = self._adapt_and_predict(self._check_episode(data, PREDICT_KEYS))
-        return _merge_meta_batch(predictions)
+        episode = self._check_episode(data, PREDICT_KEYS)
+        predictions = _merge_meta_batch(self._adapt_and_predict(episode))
+        violation = self._label_violation(episode)
+        if not violation:
+            return predictions
+        # Read (and removed) by the guarded predict function.
+        return {"predictions": predictions, **{k: v[None] for k, v in violation.items()}}
 
     def call(self, inputs, training=False):
         """Query predictions after adaptation, `[meta_batch, queries, ...]`.
@@ -774,6 +779,8 @@ class MetaLearner(keras.Model):
                             ("support_y", "query_y")[int(round(key))], value, count
                         )
                     )
+                if set(logs) == {"predictions"}:
+                    return logs["predictions"]
             return logs
 
         return guarded
@@ -935,6 +942,7 @@ class MetaLearner(keras.Model):
                 f"non-negative ints. Received: steps={steps!r}"
             )
         episode = self._check_episode(episode)
+        self._check_values(episode)
         key = tuple(steps)
         functions = self.__dict__.setdefault("_evaluate_tasks_functions", {})
         if key not in functions:
@@ -1002,6 +1010,13 @@ class MetaLearner(keras.Model):
         )
         support_x = tf.convert_to_tensor(support_x)
         support_y = tf.convert_to_tensor(support_y)
+        if support_x.shape.rank < 1 or support_x.shape[0] != support_y.shape[0]:
+            raise ValueError(
+                "`support_x` and `support_y` must hold the same number of "
+                "examples (axis 0; one task, no meta-batch axis). Received: "
+                f"support_x shape={tuple(support_x.shape)}, support_y "
+                f"shape={tuple(support_y.shape)}"
+            )
         # One task: checked as a meta-batch of one.
         self._check_values(
             self._check_episode(
@@ -1010,13 +1025,6 @@ class MetaLearner(keras.Model):
                 single_task=True,
             )
         )
-        if support_x.shape.rank < 1 or support_x.shape[0] != support_y.shape[0]:
-            raise ValueError(
-                "`support_x` and `support_y` must hold the same number of "
-                "examples (axis 0; one task, no meta-batch axis). Received: "
-                f"support_x shape={tuple(support_x.shape)}, support_y "
-                f"shape={tuple(support_y.shape)}"
-            )
         params, non_trainable = self._meta_state()
         support_training, _ = self._training_flags(False)
         fast = self.adapt_parameters(
