@@ -381,9 +381,9 @@ def test_episodes_source_of_the_wrong_type():
     ({"k_shot": 0}, r"`k_shot` must be a positive integer\. Received: k_shot=0"),
     ({"meta_batch_size": 2.0}, r"`meta_batch_size` must be a positive integer\. Received: "
                                r"meta_batch_size=2\.0"),
-    ({"amplitude_range": (5.0, 1.0)}, r"`amplitude_range` must be a pair \(low, high\) with low "
+    ({"amplitude_range": (5.0, 1.0)}, r"`amplitude_range` must be a pair \(low, high\) of finite numbers with low "
                                       r"<= high\. Received: amplitude_range=\(5\.0, 1\.0\)"),
-    ({"input_range": (-5, 0, 5)}, r"`input_range` must be a pair \(low, high\) with low <= "
+    ({"input_range": (-5, 0, 5)}, r"`input_range` must be a pair \(low, high\) of finite numbers with low <= "
                                   r"high\. Received: input_range=\(-5, 0, 5\)"),
     ({"phase_range": (math.pi, 0)}, r"`phase_range` must be a pair \(low, high\)"),
     ({"dtype": "int32"}, r"`dtype` must be a floating dtype\. Received: dtype=int32"),
@@ -396,12 +396,17 @@ def test_sinusoid(kwargs, match):
         km.data.sinusoid(**kwargs)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="sinusoid.py calls len() on the range: TypeError 'object of type "
-                          "int has no len()' (reported; not this module's file)")
-def test_sinusoid_scalar_range():
-    with pytest.raises(ValueError, match=r"`amplitude_range` must be a pair"):
-        km.data.sinusoid(amplitude_range=5)
+@pytest.mark.parametrize("kwargs", [dict(amplitude_range=5), dict(phase_range=("a", "b"))])
+def test_sinusoid_range_that_is_not_a_pair_of_numbers(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=rf"`{name}` must be a pair \(low, high\) of finite numbers"):
+        km.data.sinusoid(**kwargs)
+
+
+def test_episodes_return_classes_string(tmp_path):
+    source = km.data.from_arrays(np.zeros((6, 2, 2, 1), "float32"), np.repeat(np.arange(3), 2))
+    with pytest.raises(ValueError, match=r"`return_classes` must be True or False\. Received: return_classes='yes'"):
+        km.data.episodes(source, n_way=2, k_shot=1, q_query=1, meta_batch_size=1, return_classes="yes")
 
 
 # ----------------------------------------------------------------------

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from keras_meta.data.sources import Source, from_arrays
 from keras_meta.data.streams import step_counter
-from keras_meta.validation import check_positive_int, resolve_seed
+from keras_meta.validation import check_bool, check_positive_int, resolve_seed
 
 EPISODE_KEYS = ("support_x", "support_y", "query_x", "query_y")
 
@@ -97,6 +97,7 @@ def episodes(
     q_query = check_positive_int("q_query", q_query)
     meta_batch_size = check_positive_int("meta_batch_size", meta_batch_size)
     num_tasks = check_positive_int("num_tasks", num_tasks, allow_none=True)
+    return_classes = check_bool("return_classes", return_classes)
     seed = resolve_seed(seed)
     _check_source(source, n_way, k_shot, q_query)
 

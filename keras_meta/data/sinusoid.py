@@ -79,9 +79,20 @@ def sinusoid(
         ("phase_range", phase_range),
         ("input_range", input_range),
     ):
-        if len(value) != 2 or not value[0] <= value[1]:
+        if (
+            not isinstance(value, (tuple, list))
+            or len(value) != 2
+            or not all(
+                isinstance(v, (int, float, np.integer, np.floating))
+                and not isinstance(v, bool)
+                and np.isfinite(v)
+                for v in value
+            )
+            or not value[0] <= value[1]
+        ):
             raise ValueError(
-                f"`{name}` must be a pair (low, high) with low <= high. "
+                f"`{name}` must be a pair (low, high) of finite numbers with "
+                "low <= high. "
                 f"Received: {name}={value!r}"
             )
     dtype = tf.as_dtype(dtype)
