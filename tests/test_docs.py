@@ -54,6 +54,8 @@ def test_exclusions_name_existing_blocks():
     blocks = {(b.path.name, b.first_line) for p in DOC_FILES for b in python_blocks(p)}
     stale = [key for key in docs_fixtures.EXCLUDED if key not in blocks]
     assert not stale, f"EXCLUDED lists blocks that no longer exist: {stale}"
+    stale = [key for key in docs_fixtures.NON_FINITE_SHOWN if key not in blocks]
+    assert not stale, f"NON_FINITE_SHOWN lists blocks that no longer exist: {stale}"
 
 
 def test_block_parser(tmp_path):
