@@ -128,3 +128,95 @@ def test_killed_process_resumes_exactly(tmp_path):
     ref, job = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "job.npz")
     for key in ref.files:
         np.testing.assert_array_equal(ref[key], job[key])
+
+
+# The command line: resuming after an interruption at the moments where a naive backup goes
+# wrong. In-process (`cli.run_command`); test_cli.py and the large test below kill processes.
+
+CLI_RUN = ["--algorithm=fomaml", "--epochs=3", "--steps_per_epoch=3", "--meta_batch_size=4",
+           "--eval_tasks=4", "--val_tasks=4", "--eval_inner_steps=1", "--verbose=0",
+           "--intra_op_threads=0"]
+
+
+def _cli_state(out):
+    learner = keras.saving.load_model(os.path.join(out, "learner.keras"))
+    return [np.asarray(v) for v in learner.weights + learner.optimizer.variables]
+
+
+def _epochs_logged(out):
+    with open(os.path.join(out, "history.csv")) as f:
+        return [line.split(",")[0] for line in f.read().splitlines()[1:]]
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tmp_path_factory):
+    from keras_meta import cli
+    from keras_meta.algorithms import base
+
+    out = str(tmp_path_factory.mktemp("cli_reference"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(base, "AUTO_XLA_ON_CPU", False)  # as the autouse fixture does
+        assert cli.run_command([*CLI_RUN, f"--output_dir={out}"]) == 0
+    return _cli_state(out), _epochs_logged(out)
+
+
+@pytest.mark.parametrize("moment", [
+    "mid-epoch",  # epoch 2, after its second meta-step
+    "between learner.keras and the backup",  # epoch 2's learner saved, its backup not
+    "after the last backup",  # epoch 3 backed up, the run's end (evaluation, export) not reached
+])
+def test_cli_resumes_exactly_after_an_interruption(tmp_path, monkeypatch, capsys, cli_reference,
+                                                   moment):
+    from keras_meta import cli
+
+    out = str(tmp_path / "run")
+    state = {"epoch": 0}
+    write = cli._atomic_write
+
+    def interrupting_write(path, writer):
+        write(path, writer)
+        done = state["epoch"] + 1
+        if moment == "between learner.keras and the backup" and done == 2 and \
+                path.endswith("learner.keras"):
+            raise KeyboardInterrupt
+        if moment == "after the last backup" and done == 3 and path.endswith(cli.BACKUP):
+            raise KeyboardInterrupt
+
+    class Clock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            state["epoch"] = epoch
+
+        def on_train_batch_end(self, batch, logs=None):
+            if moment == "mid-epoch" and (state["epoch"], batch) == (1, 1):
+                raise KeyboardInterrupt
+
+    real_callbacks = cli._callbacks
+
+    def with_clock(*args):
+        guard, curve, callbacks = real_callbacks(*args)
+        return guard, curve, [Clock(), *callbacks]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "_callbacks", with_clock)
+        patch.setattr(cli, "_atomic_write", interrupting_write)
+        assert cli.run_command([*CLI_RUN, f"--output_dir={out}"]) == 130
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+    assert cli.run_command([*CLI_RUN, f"--output_dir={out}"]) == 0
+    reference, logged = cli_reference
+    assert _epochs_logged(out) == logged == ["0", "1", "2"]  # every epoch once
+    for a, b in zip(reference, _cli_state(out)):
+        np.testing.assert_array_equal(a, b)  # exact: same meta-steps on the same episodes
+
+
+@pytest.mark.large
+def test_cli_more_epochs_equal_a_longer_run(tmp_path, cli_reference):
+    from keras_meta import cli
+
+    out = str(tmp_path / "run")
+    two = [arg if arg != "--epochs=3" else "--epochs=2" for arg in CLI_RUN]
+    assert cli.run_command([*two, f"--output_dir={out}"]) == 0
+    assert cli.run_command([*CLI_RUN, f"--output_dir={out}"]) == 0  # extends the finished run
+    reference, logged = cli_reference
+    assert _epochs_logged(out) == logged
+    for a, b in zip(reference, _cli_state(out)):
+        np.testing.assert_array_equal(a, b)
