@@ -14,6 +14,24 @@ meta-steps: hours on a GPU); a CPU-sized run on a few alphabets:
     python examples/omniglot.py --data_dir /tmp/omniglot --meta_steps 400 \
         --meta_batch_size 16 --epochs 4
 
+Long runs survive interruptions. After every epoch the script writes
+`<output_dir>/learner.keras` (the meta-learner with its optimizer state,
+`keras.callbacks.ModelCheckpoint`) and `<output_dir>/backup/`
+(`keras.callbacks.BackupAndRestore`): running the same command again after a
+crash or a kill resumes after the last completed epoch, with the episode
+stream continuing at the first meta-batch not yet trained on
+(`start_step=learner.optimizer.iterations`), so the 60,000-step paper run can
+be spread over several sessions. Once training is complete, the same command
+restores the final state, trains nothing and evaluates again; the saved
+learner can also be scored or exported later from the shell:
+
+    keras-meta --mode=evaluate --dataset=omniglot --data_dir /tmp/omniglot \
+        --learner outputs/omniglot/learner.keras --output_dir outputs/omniglot/eval
+
+(`--k_shot`, `--n_way` as trained; see docs/cli.md). Change the flags that
+define the computation (steps, batch, learning rates, seed) only with a new
+`--output_dir`: the backup holds no record of them.
+
 See docs/data.md for settings and measured results.
 """
 
@@ -101,8 +119,11 @@ def main(_):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
+    # The stream starts at the learner's step count: 0 on a fresh run, the
+    # restored count when BackupAndRestore resumes an interrupted one.
     train = km.data.episodes(splits["train"], FLAGS.n_way, FLAGS.k_shot, FLAGS.q_query,
-                             FLAGS.meta_batch_size, seed=FLAGS.seed)
+                             FLAGS.meta_batch_size, seed=FLAGS.seed,
+                             start_step=learner.optimizer.iterations)
     validation = {}
     if "validation" in splits and FLAGS.validation_tasks:
         batch = min(FLAGS.eval_batch_size, FLAGS.validation_tasks)
@@ -115,10 +136,24 @@ def main(_):
     print(f"\nMeta-training MAML: {FLAGS.n_way}-way {FLAGS.k_shot}-shot, "
           f"{FLAGS.meta_steps} meta-batches of {FLAGS.meta_batch_size} tasks, "
           f"{FLAGS.inner_steps} inner step(s) of {FLAGS.inner_learning_rate}.")
+    learner_path = os.path.join(FLAGS.output_dir, "learner.keras")
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.ModelCheckpoint(learner_path),
+        # Kept after the last epoch: rerunning the command restores the final
+        # state instead of training again.
+        keras.callbacks.BackupAndRestore(os.path.join(FLAGS.output_dir, "backup"),
+                                         delete_checkpoint=False),
+    ]
     start = time.time()
     learner.fit(train, epochs=FLAGS.epochs, steps_per_epoch=FLAGS.meta_steps // FLAGS.epochs,
-                verbose=1, **validation)
-    print(f"Meta-training took {time.time() - start:.0f} s.")
+                verbose=1, callbacks=callbacks, **validation)
+    print(f"Meta-training took {time.time() - start:.0f} s "
+          f"({int(learner.optimizer.iterations)} meta-steps in all).")
+    if learner.stop_training:
+        raise SystemExit("Training stopped at a non-finite loss: nothing evaluated. Lower "
+                         "--meta_learning_rate or --inner_learning_rate and use a new --output_dir.")
+    learner.save(learner_path)  # the final state, also when it was restored, not trained
 
     steps = sorted({0, 1, FLAGS.eval_inner_steps})
     result = accuracies(learner, splits["test"], steps, FLAGS.eval_tasks,
