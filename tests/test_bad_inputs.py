@@ -293,11 +293,15 @@ def test_bad_labels_in_adapt():
 
 
 @pytest.mark.parametrize("key", ["support_x", "query_y"])
-def test_non_finite_values_in_the_first_batch(key):
+def test_non_finite_values_in_adapt_and_evaluate_tasks(key):
+    learner = compiled(km.MAML(tanh_mlp()), loss="mse")
     episode = regression()
     episode[key][0, 0, 0] = np.inf if key == "query_y" else np.nan
     with pytest.raises(ValueError, match=rf"Episode entry `{key}` contains non-finite values \(1 NaN/inf"):
-        compiled(km.MAML(tanh_mlp()), loss="mse").fit(dataset(episode), verbose=0)
+        learner.evaluate_tasks(episode)
+    if key == "support_x":
+        with pytest.raises(ValueError, match=r"Episode entry `support_x` contains non-finite values"):
+            learner.adapt(episode["support_x"][0], episode["support_y"][0])
 
 
 def test_non_finite_values_later_skip_the_update_and_are_counted():
@@ -307,7 +311,7 @@ def test_non_finite_values_later_skip_the_update_and_are_counted():
     bad["query_x"][1, 0, 0] = np.nan
     reference = compiled(km.MAML(tanh_mlp()), loss="mse")
     reference.fit(dataset(good), verbose=0)
-    history = learner.fit(dataset(good, bad, bad), verbose=0).history
+    history = learner.fit(dataset(bad, good, bad), verbose=0).history
     assert history["non_finite_tasks"] == [2.0]  # one task in each of two meta-batches
     assert np.isnan(history["loss"][0])
     # Only the first meta-batch was applied.

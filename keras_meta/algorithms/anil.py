@@ -112,6 +112,8 @@ class ANIL(MetaLearner):
           (convergence of ANIL; strongly convex vs nonconvex head loss)
     """
 
+    _check_outputs = False  # `_split` says what ANIL needs
+
     def __init__(
         self,
         model,

@@ -69,6 +69,10 @@ class MetaLearner(keras.Model):
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
+    # Whether the constructor refuses multi-output models (ANIL refuses them
+    # with its own message, along with multi-input ones).
+    _check_outputs = True
+
     def __init__(
         self,
         model,
@@ -102,7 +106,7 @@ class MetaLearner(keras.Model):
                 "no trainable weights"
             )
         outputs = getattr(model, "outputs", None)
-        if isinstance(outputs, (list, tuple)) and len(outputs) > 1:
+        if isinstance(outputs, (list, tuple)) and len(outputs) > 1 and self._check_outputs:
             raise ValueError(
                 f"{name} meta-learns single-output models (one loss on one "
                 f"output). Received: model {model.name!r} with {len(outputs)} "
@@ -575,7 +579,8 @@ class MetaLearner(keras.Model):
         )
         data = _as_episode_dict(data_batch)
         if isinstance(data, dict):
-            self._check_values(self._check_episode(data, [k for k in EPISODE_KEYS if k in data]))
+            present = [k for k in EPISODE_KEYS if k in data]
+            self._check_values(self._check_episode(data, present), finite=False)
         with self.distribute_strategy.scope():
             self._build_training_state(data_batch)
 
@@ -832,22 +837,24 @@ class MetaLearner(keras.Model):
             _LABEL_KEYS[2]: tf.gather(tf.constant(keys), which),
         }
 
-    def _check_values(self, episode):
+    def _check_values(self, episode, finite=True):
         """Host-side checks of one batch: class labels and finite values.
 
-        Runs on the first batch of `fit`/`evaluate` and on the inputs of
+        Runs on the first batch of `fit`/`evaluate` (labels only: a training
+        step skips and counts non-finite tasks) and on the inputs of
         `evaluate_tasks` and `adapt`, before anything is traced.
         """
         width = self._label_width()
         for key, value in episode.items():
             array = np.asarray(keras.ops.convert_to_numpy(value))
-            if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
+            if finite and array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
                 bad = array[~np.isfinite(array)].ravel()[0]
                 raise ValueError(
                     f"Episode entry `{key}` contains non-finite values "
                     f"({int(np.sum(~np.isfinite(array)))} NaN/inf, e.g. {bad}). "
-                    "Clean the data source: keras_meta skips meta-batches whose "
-                    "losses are not finite, so such episodes never train."
+                    "Clean the data source (in training, keras_meta skips the "
+                    "meta-batches whose losses are not finite and counts their "
+                    "tasks in the `non_finite_tasks` metric)."
                 )
             if width is None or not key.endswith("_y"):
                 continue
