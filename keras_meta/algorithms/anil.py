@@ -366,8 +366,12 @@ class ANIL(MetaLearner):
         )
         with tf.control_dependencies(self._check_even_split(episode)):
             gradients = [g / replicas for g in gradients]
-        # Update.
-        self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+        # Update, unless a task's loss (or the batched gradient) is not finite.
+        finite = tf.math.is_finite(results["loss"]) & tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(g)) for g in gradients]
+        )
+        non_finite = tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.float32))
+        self.apply_meta_gradients(gradients, non_finite_tasks=non_finite)
         return self._update_metrics(episode, results, training=True)
 
     def task_evaluate(self, params, non_trainable, task, steps):
