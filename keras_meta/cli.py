@@ -677,16 +677,18 @@ def _evaluate(learner, episodes, inner_steps):
     return evaluation
 
 
-def _export(learner, episodes, out):
+def _export(learner, episodes, out, steps=None):
+    """adapted_model/ (adapted to the first task of `episodes`) and adaptive_model/;
+    `steps` inner steps (default the learner's)."""
     import keras_meta as km
 
     bad = _non_finite_variables(learner)
     if bad:
         raise TrainingFailed(f"{bad[0]} is not finite: nothing exported.")
     episode = next(iter(episodes))
-    adapted = learner.adapt(episode["support_x"][0], episode["support_y"][0])
+    adapted = learner.adapt(episode["support_x"][0], episode["support_y"][0], steps=steps)
     adapted.export(os.path.join(out, "adapted_model"), verbose=False)
-    km.export_adaptive(learner, os.path.join(out, "adaptive_model"))
+    km.export_adaptive(learner, os.path.join(out, "adaptive_model"), steps=steps)
 
 
 def _summary(evaluation):
@@ -703,7 +705,7 @@ def _saved_learner_mode():
     episodes = streams["test"]
     _check_learner_fits(learner, path, next(iter(episodes)))
     if FLAGS.mode == "export":
-        _export(learner, episodes, out)
+        _export(learner, episodes, out, steps=FLAGS.eval_inner_steps)
         print(f"Exported {path}, adapted to one held-out --dataset={FLAGS.dataset} task: "
               f"{os.path.join(out, 'adapted_model')}, {os.path.join(out, 'adaptive_model')}")
         return {}

@@ -238,9 +238,13 @@ def test_keras_callbacks_work_with_every_learner(name, tmp_path):
         for event in tf.compat.v1.train.summary_iterator(event_file):
             tags.update(v.tag for v in event.summary.value)
     assert {"epoch_loss", "epoch_meta_val_accuracy"} <= tags
-    # TerminateOnNaN stops at the first NaN loss.
+    # TerminateOnNaN stops at the first NaN loss (after a clean first batch: fit checks
+    # that one's values before tracing).
+    good = helpers.classification_episode(meta_batch=2, dtype="float32")
     bad = helpers.classification_episode(meta_batch=2, dtype="float32")
     bad["query_x"][:] = np.nan
-    history = learner.fit(tf.data.Dataset.from_tensors(bad).repeat(), steps_per_epoch=5, epochs=3,
+    stream = tf.data.Dataset.from_tensors(good).concatenate(
+        tf.data.Dataset.from_tensors(bad).repeat())
+    history = learner.fit(stream, steps_per_epoch=5, epochs=3,
                           callbacks=[keras.callbacks.TerminateOnNaN()], verbose=0)
     assert learner.stop_training and len(history.history["loss"]) == 1

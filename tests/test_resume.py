@@ -220,3 +220,65 @@ def test_cli_more_epochs_equal_a_longer_run(tmp_path, cli_reference):
     assert _epochs_logged(out) == logged
     for a, b in zip(reference, _cli_state(out)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.large
+def test_sigkilled_cli_runs_resume_exactly(tmp_path):
+    """ANIL on Omniglot images, 3 epochs of 40 meta-steps of 2 tasks: runs SIGKILLed at
+    seeded moments (mid-epoch, and just after an epoch's history row, where the saves are)
+    and restarted end bit-identical to an uninterrupted run, with every epoch logged once."""
+    import random
+    import signal
+    import time
+
+    from tests.test_omniglot import OMNIGLOT_ZIPS
+
+    import zipfile
+
+    zips = sorted(OMNIGLOT_ZIPS.glob("images_background_small*.zip"))
+    if not zips:
+        pytest.skip(f"Omniglot zips not found in {OMNIGLOT_ZIPS}")
+    data = tmp_path / "omniglot"
+    for path in zips:
+        with zipfile.ZipFile(path) as archive:
+            archive.extractall(data)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    args = [sys.executable, "-m", "keras_meta", "--algorithm=anil", "--dataset=omniglot",
+            f"--data_dir={data}", "--epochs=3", "--steps_per_epoch=40", "--meta_batch_size=2",
+            "--eval_tasks=10", "--val_tasks=10", "--verbose=0"]
+
+    def finish(out):
+        result = subprocess.run([*args, f"--output_dir={out}"], env=env, capture_output=True,
+                                text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    finish(tmp_path / "reference")
+    reference = _cli_state(tmp_path / "reference")
+    rng = random.Random(0)
+    kills = []
+    for trial in range(6):
+        out = tmp_path / f"killed{trial}"
+        rows = rng.choice([0, 1, 2, 3])  # 0: mid-epoch, at a random time
+        delay = rng.uniform(0.0, 0.4) if rows else rng.uniform(8.0, 25.0)
+        process = subprocess.Popen([*args, f"--output_dir={out}"], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        history = out / "history.csv"
+        deadline = time.time() + 600
+        try:
+            while rows and process.poll() is None and time.time() < deadline:
+                if history.exists() and len(history.read_text().splitlines()) > rows:
+                    break
+                time.sleep(0.01)
+            time.sleep(delay)
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                kills.append((trial, rows, round(delay, 2)))
+        finally:
+            process.kill()
+            process.wait()
+        finish(out)
+        assert _epochs_logged(out) == ["0", "1", "2"], trial
+        for a, b in zip(reference, _cli_state(out)):
+            np.testing.assert_array_equal(a, b, err_msg=f"trial {trial}: {rows} rows, {delay} s")
+    print("SIGKILLed (trial, history rows, delay s):", kills)
+    assert len(kills) >= 4, kills
