@@ -1,11 +1,21 @@
-"""Labelled examples held in memory, grouped by class: what episodes sample from.
+"""Labelled examples grouped by class: what episodes sample from.
 
 Three builders turn the forms few-shot data comes in into a `Source`: arrays
 (`from_arrays`), a folder of images per class (`from_directory`) and
 TensorFlow Datasets (`from_tfds`). Images are decoded once, in parallel, and
 kept as one array; `keras_meta.data.episodes` samples meta-batches from it.
+
+Compact storage: a source may hold its images as uint8 (`storage="uint8"`,
+`Source.compact()`), a quarter of the float32 bytes, or leave them on disk
+(`DiskImages`: raw rows or encoded PNG/JPEG bytes in a file, read with
+`os.pread`); episodes then read the rows they need and convert them to
+float32 in [0, 1] per episode, optionally augmented. `cache_dir` keeps the
+decoded images of a folder in a file, so that the next run reads them back
+instead of decoding again.
 """
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -34,7 +44,7 @@ class DatasetDownloadError(ConnectionError):
 
 
 class Source:
-    """Labelled examples in memory, grouped by class.
+    """Labelled examples, grouped by class.
 
     Holds every example of a data set as one array `x` (`[num_examples,
     ...]`), its class index `y` (int32, `0 .. num_base_classes - 1`) and the
@@ -48,13 +58,25 @@ class Source:
     `"<class>@<angle>"`. Build sources with `from_arrays`, `from_directory`,
     `from_tfds` or `keras_meta.data.omniglot` rather than directly.
 
+    Compact sources (`scale` set, or `x` a `DiskImages`) hold integer images
+    (uint8) and convert them per episode: `episodes` yields float32
+    `x * scale` (`1 / 255`: values in [0, 1]), so the source holds a quarter
+    of the bytes of a float32 one, or none at all when the images stay on
+    disk. `augmentation` (see `with_augmentation`) transforms the support
+    and query images of every episode after that conversion.
+
     Args:
-        x: array `[num_examples, ...]`.
+        x: array `[num_examples, ...]`, or a `DiskImages` (images on disk).
         y: int array `[num_examples]` with values in `0 .. len(class_names) - 1`.
         class_names: one name per base class.
         name: a name used in error messages and reports.
         rotations: tuple of angles in `(0, 90, 180, 270)`; `(0,)` for none.
         metadata: dict recording where the data came from (paths, split).
+        scale: `None` (episodes yield `x` as stored) or a positive number:
+            `x` holds integers and episodes yield float32 `x * scale`. A
+            `DiskImages` `x` defaults to `1 / 255`.
+        augmentation: `None`, or a callable applied to each episode's images
+            (see `with_augmentation`).
 
     Example:
 
@@ -63,8 +85,12 @@ class Source:
     (('5', '7', '9'), [2, 2, 2])
     """
 
-    def __init__(self, x, y, class_names, name="source", rotations=(0,), metadata=None):
-        x = np.asarray(x).view()  # a view: freezing it leaves the caller's array be
+    def __init__(
+        self, x, y, class_names, name="source", rotations=(0,), metadata=None,
+        scale=None, augmentation=None,
+    ):
+        if not isinstance(x, DiskImages):
+            x = np.asarray(x).view()  # a view: freezing it leaves the caller's array be
         y = np.array(y, dtype=np.int32)
         class_names = tuple(str(n) for n in class_names)
         if len(x) != len(y):
@@ -90,7 +116,10 @@ class Source:
                 f"...]` with height == width. Source {name!r} has examples of "
                 f"shape {x.shape[1:]}"
             )
-        x.setflags(write=False)
+        scale = _check_scale(scale, x, name)
+        augmentation = _check_augmentation(augmentation, x, name)
+        if not isinstance(x, DiskImages):
+            x.setflags(write=False)
         y.setflags(write=False)
         self.x, self.y = x, y
         self.base_class_names = class_names
@@ -98,6 +127,40 @@ class Source:
         self.rotations = rotations
         self.metadata = dict(metadata or {})
         self.examples_per_class = np.bincount(y, minlength=len(class_names))
+        self.scale = scale
+        self.augmentation = augmentation
+        self._episode_images = None
+
+    @property
+    def storage(self):
+        """How the examples are held: e.g. `"float32 in memory"`, `"uint8 on disk"`."""
+        where = "on disk" if isinstance(self.x, DiskImages) else "in memory"
+        return f"{np.dtype(self.x.dtype).name} {where}"
+
+    @property
+    def _tensor(self):
+        # `keras_meta.data.episodes` gathers every episode's examples with
+        # `tf.gather(source._tensor, rows)`, making the tensor from `x` when
+        # this is None. A compact or augmented source answers with a reader
+        # instead: tf.gather hands an object with a `sparse_read` method (the
+        # protocol of tf.Variable) its rows, and the reader returns them
+        # converted (and augmented) for that episode alone.
+        if self._episode_images is None and self.converts_per_episode:
+            self._episode_images = _EpisodeReader(self)
+        return self._episode_images
+
+    @_tensor.setter
+    def _tensor(self, value):
+        self._episode_images = value
+
+    @property
+    def converts_per_episode(self):
+        """Whether episodes read, convert or augment the examples per episode."""
+        return (
+            self.scale is not None
+            or self.augmentation is not None
+            or isinstance(self.x, DiskImages)
+        )
 
     @property
     def num_base_classes(self):
@@ -131,10 +194,16 @@ class Source:
 
     def __repr__(self):
         rotations = f", rotations={self.rotations}" if self.rotations != (0,) else ""
+        dtype = np.dtype(self.x.dtype).name
+        if isinstance(self.x, DiskImages):
+            dtype += " on disk"
+        if self.scale is not None:
+            dtype += " (float32 per episode)"
+        augmented = ", augmented" if self.augmentation is not None else ""
         return (
             f"<Source {self.name!r}: {len(self)} examples of shape "
-            f"{self.example_shape} {self.x.dtype}, {self.num_base_classes} "
-            f"classes{rotations}>"
+            f"{self.example_shape} {dtype}, {self.num_base_classes} "
+            f"classes{rotations}{augmented}>"
         )
 
     def subset(self, classes, name=None):
@@ -157,13 +226,19 @@ class Source:
         new_label = np.full(self.num_base_classes, -1, np.int64)
         new_label[indices] = np.arange(len(indices))
         keep = new_label[self.y] >= 0
+        if isinstance(self.x, DiskImages):
+            x = self.x.take(np.flatnonzero(keep))  # stays on disk
+        else:
+            x = self.x[keep]
         return Source(
-            self.x[keep],
+            x,
             new_label[self.y[keep]],
             [self.base_class_names[i] for i in indices],
             name=name or self.name,
             rotations=self.rotations,
             metadata=self.metadata,
+            scale=self.scale,
+            augmentation=self.augmentation,
         )
 
     def split(self, sizes, seed=0, names=None):
@@ -196,10 +271,375 @@ class Source:
 
     def with_rotations(self, rotations=ROTATIONS):
         """The same examples with each rotation of each class a class of its own."""
-        return Source(
-            self.x, self.y, self.base_class_names, name=self.name,
-            rotations=rotations, metadata=self.metadata,
+        return self._replace(rotations=rotations)
+
+    def with_augmentation(self, augmentation):
+        """The same examples, with every episode's images augmented.
+
+        `augmentation` is applied, inside the `tf.data` pipeline, to the
+        support and to the query images of each episode (float32 in [0, 1]
+        for compact sources), as `[examples, height, width, channels]`
+        batches:
+
+        - a `keras_meta.data.Augmentation` (random crop with padding,
+          horizontal flip, colour jitter): stateless random ops seeded by the
+          episode, so the stream stays a pure function of its seed;
+        - a Keras layer (e.g. a `keras.Sequential` of `keras.layers.RandomCrop`,
+          `RandomFlip`, `RandomColorJitter`), called with `training=True`;
+          its random draws come from the layers' own seed generators;
+        - `None`: no augmentation.
+
+        Only image sources (`[examples, height, width, channels]`) take one.
+        Augment the training source only: validation and test tasks are
+        evaluated on the images as they are.
+        """
+        return self._replace(augmentation=augmentation)
+
+    def compact(self):
+        """The same source with its float images in [0, 1] held as uint8.
+
+        Values are rounded to the nearest multiple of 1/255 (exact for
+        images decoded from 8-bit files); episodes convert them back to
+        float32 per episode. Sources already compact are returned as they
+        are.
+        """
+        if self.scale is not None or isinstance(self.x, DiskImages):
+            return self
+        if not np.issubdtype(self.x.dtype, np.floating):
+            raise ValueError(
+                f"Source {self.name!r} holds {self.x.dtype} examples: `compact()` "
+                "converts float images in [0, 1] to uint8."
+            )
+        if len(self.x) and (np.nanmin(self.x) < 0 or np.nanmax(self.x) > 1):
+            raise ValueError(
+                f"Source {self.name!r} holds values in [{np.nanmin(self.x):g}, "
+                f"{np.nanmax(self.x):g}]: `compact()` needs images in [0, 1]."
+            )
+        x = np.empty(self.x.shape, np.uint8)
+        for start in range(0, len(x), 4096):  # in blocks: no float copy of it all
+            block = self.x[start : start + 4096]
+            x[start : start + 4096] = np.rint(block * 255)
+        return self._replace(x=x, scale=1 / 255)
+
+    def _replace(self, **changes):
+        arguments = dict(
+            x=self.x, y=self.y, class_names=self.base_class_names, name=self.name,
+            rotations=self.rotations, metadata=self.metadata, scale=self.scale,
+            augmentation=self.augmentation,
         )
+        arguments.update(changes)
+        return Source(**arguments)
+
+    def _read_rows(self, rows):
+        """The examples at `rows` (`rotation * len(self) + index`) for one episode.
+
+        Runs inside the episode pipeline: reads the rows (from memory or from
+        disk, in a `tf.numpy_function`), rotates them, converts them to
+        float32 (`x * scale`) and augments them.
+        """
+        rows = tf.convert_to_tensor(rows)
+        outer = rows.shape.as_list()
+        flat = tf.reshape(tf.cast(rows, tf.int64), [-1])
+        count = len(self)
+        index = flat % count if self.rotations != (0,) else flat
+        example_shape = list(self.example_shape)
+        x = self.x
+        if isinstance(x, DiskImages) and x.encoded:
+            encoded = tf.numpy_function(x.read_encoded, [index], tf.string, stateful=False)
+            encoded.set_shape([None])
+            channels = example_shape[-1]
+            images = tf.map_fn(
+                lambda contents: tf.ensure_shape(
+                    decode_image(contents, channels), example_shape
+                ),
+                encoded,
+                fn_output_signature=tf.TensorSpec(example_shape, tf.uint8),
+                parallel_iterations=16,
+            )
+        else:
+            read = x.read if isinstance(x, DiskImages) else _ArrayRows(x)
+            images = tf.numpy_function(
+                read, [index], tf.as_dtype(x.dtype), stateful=False
+            )
+            images.set_shape([None] + example_shape)
+        if self.rotations != (0,):
+            turns = tf.gather(
+                tf.constant([angle // 90 for angle in self.rotations], tf.int64),
+                flat // count,
+            )
+            rotated = tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)
+            images = tf.gather(rotated, turns, axis=1, batch_dims=1)
+        if self.scale is not None:
+            images = tf.cast(images, tf.float32) * self.scale
+        if self.augmentation is not None:
+            images = _augment(self.augmentation, images, flat)
+        return tf.reshape(images, outer + example_shape)
+
+
+class _EpisodeReader:
+    """What `episodes` gathers from for a compact or augmented source."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def sparse_read(self, indices, name=None):
+        return self.source._read_rows(indices)
+
+
+class _ArrayRows:
+    """`rows -> array[rows]`, the numpy side of reading an in-memory array."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __call__(self, rows):
+        return np.ascontiguousarray(self.array[rows])
+
+
+def _augment(augmentation, images, rows):
+    if getattr(augmentation, "stateless", False):
+        # A seed from the rows drawn: the same episode gets the same
+        # augmentation, and the stream stays a pure function of its seed.
+        weights = tf.range(1, tf.size(rows, out_type=tf.int64) + 1) * 2 - 1
+        fingerprint = tf.reduce_sum((rows + 1) * weights * 2654435761)
+        return augmentation(images, seed=tf.stack([fingerprint, tf.size(rows, out_type=tf.int64)]))
+    return augmentation(images, training=True)
+
+
+def _check_scale(scale, x, name):
+    if scale is None:
+        return 1 / 255 if isinstance(x, DiskImages) else None
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float, np.integer, np.floating))
+        or not np.isfinite(scale)
+        or scale <= 0
+    ):
+        raise ValueError(
+            f"`scale` must be None or a positive number (1/255 for uint8 images). "
+            f"Received: scale={scale!r}"
+        )
+    if not np.issubdtype(np.dtype(x.dtype), np.integer):
+        raise ValueError(
+            f"`scale` converts integer examples (uint8 images) to float32 per "
+            f"episode, but source {name!r} holds {np.dtype(x.dtype).name} examples. "
+            "Pass scale=None."
+        )
+    return float(scale)
+
+
+def _check_augmentation(augmentation, x, name):
+    if augmentation is None:
+        return None
+    if not callable(augmentation):
+        raise ValueError(
+            "`augmentation` must be None, a keras_meta.data.Augmentation or a "
+            "Keras layer (a callable on [examples, height, width, channels] "
+            f"images). Received: augmentation={augmentation!r}"
+        )
+    if len(x.shape) != 4:
+        raise ValueError(
+            f"`augmentation` transforms images [examples, height, width, "
+            f"channels], but source {name!r} holds examples of shape "
+            f"{tuple(x.shape[1:])}."
+        )
+    return augmentation
+
+
+class DiskImages:
+    """uint8 images that stay in a file: the `x` of a disk-backed `Source`.
+
+    Episodes read only the rows they draw (`os.pread` from worker threads of
+    the `tf.data` pipeline), so a source larger than memory samples episodes
+    in constant memory; the operating system's page cache keeps what is read
+    often. Indexing (`images[3]`, `images[[3, 1]]`, slices, boolean masks)
+    returns uint8 arrays and `np.asarray(images)` reads them all. Build one
+    with `RawImages` (rows of `height * width * channels` bytes) or
+    `EncodedImages` (PNG/JPEG bytes at given offsets).
+
+    Attributes:
+        path: the file.
+        image_shape: `(height, width, channels)`.
+        rows: which images of the file, in order (a subset keeps its rows).
+    """
+
+    dtype = np.dtype(np.uint8)
+    encoded = False
+
+    def __init__(self, path, image_shape, rows):
+        self.path = os.fspath(path)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self._fd, self._pid = None, None
+
+    @property
+    def shape(self):
+        return (len(self.rows),) + self.image_shape
+
+    @property
+    def ndim(self):
+        return 1 + len(self.image_shape)
+
+    @property
+    def nbytes(self):
+        return len(self.rows) * int(np.prod(self.image_shape))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.shape} uint8 in {self.path!r}>"
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            return self.read(np.arange(len(self))[[key]])[0]
+        if isinstance(key, slice):
+            return self.read(np.arange(len(self))[key])
+        key = np.asarray(key)
+        if key.dtype == bool:
+            key = np.flatnonzero(key)
+        return self.read(np.arange(len(self))[key])
+
+    def __array__(self, dtype=None, copy=None):
+        images = self.read(np.arange(len(self)))
+        return images if dtype is None else images.astype(dtype)
+
+    def take(self, indices):
+        """The images at `indices` (positions in this collection), still on disk."""
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.rows = self.rows[np.asarray(indices, dtype=np.int64)]
+        other._fd, other._pid = None, None
+        return other
+
+    def _descriptor(self):
+        if self._fd is None or self._pid != os.getpid():  # reopened after a fork
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def _pread(self, size, offset, what):
+        data = os.pread(self._descriptor(), size, offset)
+        if len(data) != size:
+            raise ValueError(
+                f"{self.path!r} ends before {what} (byte {offset} + {size}): the "
+                "file is truncated or changed since the source was built."
+            )
+        return data
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None and self._pid == os.getpid():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fd"], state["_pid"] = None, None
+        return state
+
+
+class RawImages(DiskImages):
+    """Images stored as consecutive uint8 rows of a file (a `.npy`, a pickle's array).
+
+    Image `i` is the `height * width * channels` bytes at `offset + i *
+    row_bytes`, in C order (height, width, channels).
+
+    Args:
+        path: the file.
+        offset: byte offset of the first image.
+        count: images in the file.
+        image_shape: `(height, width, channels)`.
+        channel_order: `"rgb"`, or `"bgr"` for files written by OpenCV (the
+            channels are reversed as rows are read).
+    """
+
+    def __init__(self, path, offset, count, image_shape, channel_order="rgb", rows=None):
+        super().__init__(path, image_shape, np.arange(count) if rows is None else rows)
+        self.offset = int(offset)
+        self.count = int(count)
+        self.channel_order = check_choice("channel_order", channel_order, ("rgb", "bgr"))
+        self.row_bytes = int(np.prod(self.image_shape))
+        size = os.path.getsize(self.path)
+        if self.offset + self.count * self.row_bytes > size:
+            raise ValueError(
+                f"{self.path!r} holds {size} bytes, too few for {self.count} images of "
+                f"shape {self.image_shape} from byte {self.offset}: the file is truncated."
+            )
+
+    def read(self, indices):
+        """uint8 `[len(indices), *image_shape]`: the images at positions `indices`."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((len(indices),) + self.image_shape, np.uint8)
+        flat = out.reshape(len(indices), self.row_bytes)
+        fd = self._descriptor()
+        for i, row in enumerate(self.rows[indices]):
+            offset = self.offset + int(row) * self.row_bytes
+            if os.preadv(fd, [flat[i]], offset) != self.row_bytes:
+                self._pread(self.row_bytes, offset, f"image {row}")  # raises
+        if self.channel_order == "bgr":
+            out = out[..., ::-1].copy()
+        return out
+
+
+class EncodedImages(DiskImages):
+    """Images stored encoded (PNG, JPEG, ...) at given byte ranges of a file.
+
+    Episodes read the bytes of the images they draw and decode them in the
+    pipeline (`tf.io.decode_image`); all must decode to `image_shape`.
+
+    Args:
+        path: the file.
+        offsets: byte offset of each encoded image.
+        lengths: byte length of each.
+        image_shape: `(height, width, channels)` they decode to.
+    """
+
+    encoded = True
+
+    def __init__(self, path, offsets, lengths, image_shape, rows=None):
+        offsets = np.asarray(offsets, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if offsets.shape != lengths.shape or offsets.ndim != 1:
+            raise ValueError(
+                "`offsets` and `lengths` must be 1-D and of one length. Received: "
+                f"shapes {offsets.shape} and {lengths.shape}"
+            )
+        super().__init__(path, image_shape, np.arange(len(offsets)) if rows is None else rows)
+        self.offsets, self.lengths = offsets, lengths
+        size = os.path.getsize(self.path)
+        if len(offsets) and int((offsets + lengths).max()) > size:
+            raise ValueError(
+                f"{self.path!r} holds {size} bytes, fewer than its images reach "
+                f"({int((offsets + lengths).max())}): the file is truncated."
+            )
+
+    def read_encoded(self, indices):
+        """The encoded bytes of the images at positions `indices` (object array)."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        rows = self.rows[indices]
+        out = np.empty(len(rows), dtype=object)
+        for i, row in enumerate(rows):
+            out[i] = self._pread(
+                int(self.lengths[row]), int(self.offsets[row]), f"image {row}"
+            )
+        return out
+
+    def read(self, indices):
+        """uint8 `[len(indices), *image_shape]`, decoded."""
+        encoded = self.read_encoded(indices)
+        channels = self.image_shape[-1]
+        images = np.empty((len(encoded),) + self.image_shape, np.uint8)
+        for i, contents in enumerate(encoded):
+            image = decode_image(tf.constant(contents), channels).numpy()
+            if image.shape != self.image_shape:
+                raise ValueError(
+                    f"Image {int(self.rows[indices[i]])} of {self.path!r} decodes to "
+                    f"shape {image.shape}, not {self.image_shape}."
+                )
+            images[i] = image
+        return images
 
 
 def _check_rotations(rotations):
@@ -342,6 +782,8 @@ def from_directory(
     extensions=IMAGE_EXTENSIONS,
     name=None,
     verbose="auto",
+    storage="float32",
+    cache_dir=None,
 ):
     """A source from a folder of images, one sub-folder per class.
 
@@ -383,6 +825,13 @@ def from_directory(
         verbose: `"auto"` shows a progress bar while decoding when there are
             at least 1000 images and the output is a terminal or a notebook;
             `1` (or `True`) always shows one, `0` (or `False`) never.
+        storage: `"float32"` (the images in [0, 1]) or `"uint8"` (a quarter
+            of the memory; episodes convert them to float32 in [0, 1]).
+        cache_dir: `None`, or a folder where the decoded images are kept: a
+            later call with the same files (paths, sizes, modification
+            times) and options reads them back instead of decoding again.
+            With `storage="uint8"` the cached images stay on disk
+            (`DiskImages`), read per episode.
 
     Returns:
         A `Source`.
@@ -402,6 +851,7 @@ def from_directory(
     extensions = _check_extensions(extensions)
     # Argument errors before the (possibly long) walk of the folder.
     _check_image_options(image_size, color_mode, invert, interpolation, verbose)
+    _check_storage(storage, cache_dir)
     walk = walk_image_folders(root, extensions)
     class_names, files = [], []
     for dirpath, images in walk.folders:
@@ -424,7 +874,7 @@ def from_directory(
         files, class_names, image_size=image_size, color_mode=color_mode,
         invert=invert, interpolation=interpolation, name=name,
         metadata={"source": "directory", "root": os.path.abspath(root)},
-        verbose=verbose,
+        verbose=verbose, storage=storage, cache_dir=cache_dir,
     )
 
 
@@ -524,6 +974,8 @@ def from_files(
     name="files",
     metadata=None,
     verbose="auto",
+    storage="float32",
+    cache_dir=None,
 ):
     """A source from lists of image files, one list per class.
 
@@ -533,8 +985,8 @@ def from_files(
     Args:
         files: a list per class of image paths.
         class_names: one name per class.
-        image_size, color_mode, invert, interpolation, verbose: as in
-            `from_directory`.
+        image_size, color_mode, invert, interpolation, verbose, storage,
+            cache_dir: as in `from_directory`.
         name: a name for error messages.
         metadata: dict recorded on the source.
 
@@ -544,6 +996,7 @@ def from_files(
     image_size, channels, verbose = _check_image_options(
         image_size, color_mode, invert, interpolation, verbose
     )
+    storage, cache_dir = _check_storage(storage, cache_dir)
     if isinstance(files, (str, bytes, os.PathLike)) or not hasattr(files, "__len__"):
         raise ValueError(
             "`files` must be a list per class of image paths. Received: "
@@ -569,13 +1022,31 @@ def from_files(
             raise ValueError(f"Class {class_name!r} of source {name!r} has no image files.")
     paths = [os.fspath(p) for paths in files for p in paths]
     labels = np.repeat(np.arange(len(files)), [len(p) for p in files])
+    metadata = dict(metadata or {})
+    scale = 1 / 255 if storage == "uint8" else None
+    cache = None
+    if cache_dir is not None:
+        options = dict(image_size=image_size, channels=channels, invert=bool(invert),
+                       interpolation=interpolation, storage=storage)
+        cache = _DecodedCache(cache_dir, name, paths, [str(c) for c in class_names], options)
+        cached = cache.load()
+        if cached is not None:
+            metadata.update(cache=cache.images_path, cache_hit=True)
+            return Source(cached, labels, class_names, name=name, metadata=metadata,
+                          scale=scale)
 
     def decode(contents):
         image = decode_image(contents, channels)
         return preprocess_images(image, image_size, None, invert, interpolation)
 
+    def decode_stored(contents):
+        image = decode(contents)
+        if storage == "uint8":
+            image = tf.cast(tf.round(image * 255), tf.uint8)
+        return image
+
     def load(index):
-        return decode(tf.io.read_file(tf.gather(paths, index))), index
+        return decode_stored(tf.io.read_file(tf.gather(paths, index))), index
 
     # Files that fail to read or decode are dropped by `ignore_errors` and
     # named below from the indices that did not come back.
@@ -611,7 +1082,105 @@ def from_files(
             f"{name!r}:{shown}{more}\n"
             "Remove them or fix them."
         )
-    return Source(images, labels[indices], class_names, name=name, metadata=metadata)
+    if cache is not None:
+        cache.save(images)
+        metadata.update(cache=cache.images_path, cache_hit=False)
+    return Source(images, labels[indices], class_names, name=name, metadata=metadata,
+                  scale=scale)
+
+
+STORAGES = ("float32", "uint8")
+
+
+def _check_storage(storage, cache_dir):
+    storage = check_choice("storage", storage, STORAGES)
+    if cache_dir is not None:
+        if isinstance(cache_dir, bool) or not isinstance(cache_dir, (str, os.PathLike)):
+            raise ValueError(
+                "`cache_dir` must be None or a folder path. Received: "
+                f"cache_dir={cache_dir!r}"
+            )
+        cache_dir = os.fspath(cache_dir)
+        if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+            raise NotADirectoryError(
+                f"`cache_dir` must be a folder. Received: {cache_dir!r}, a file"
+            )
+    return storage, cache_dir
+
+
+class _DecodedCache:
+    """Decoded images of a list of files, kept in `cache_dir` for the next run.
+
+    Two files per key: `<name>-<key>.npy` (the images, in file order) and
+    `<name>-<key>.json` (what they are), the JSON written last so that an
+    interrupted write is never read. The key hashes the options and every
+    file's path, size and modification time: changing a file or an option
+    decodes again.
+    """
+
+    VERSION = 1
+
+    def __init__(self, cache_dir, name, paths, class_names, options):
+        digest = hashlib.sha256()
+        digest.update(json.dumps(
+            {"version": self.VERSION, "options": options, "classes": class_names},
+            sort_keys=True,
+        ).encode())
+        for path in paths:
+            try:
+                stat = os.stat(path)
+                digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{os.path.abspath(path)}\0missing\n".encode())
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "images"
+        base = os.path.join(cache_dir, f"{stem}-{digest.hexdigest()[:20]}")
+        self.images_path, self.info_path = base + ".npy", base + ".json"
+        self.count, self.storage = len(paths), options["storage"]
+
+    def load(self):
+        """The cached images (on disk for uint8, in memory for float32), or None."""
+        if not (os.path.isfile(self.info_path) and os.path.isfile(self.images_path)):
+            return None
+        try:
+            with open(self.info_path, encoding="utf-8") as file:
+                info = json.load(file)
+            offset, shape, dtype = _npy_layout(self.images_path)
+        except (OSError, ValueError):
+            return None  # damaged: decode again
+        if info.get("count") != self.count or shape[0] != self.count:
+            return None
+        if self.storage == "uint8" and dtype == np.uint8 and len(shape) == 4:
+            return RawImages(self.images_path, offset, shape[0], shape[1:])
+        return np.load(self.images_path)
+
+    def save(self, images):
+        os.makedirs(os.path.dirname(self.images_path) or ".", exist_ok=True)
+        partial = f"{self.images_path}.{os.getpid()}.partial"
+        try:
+            with open(partial, "wb") as file:
+                np.save(file, np.ascontiguousarray(images))
+            os.replace(partial, self.images_path)
+            info = {"count": self.count, "shape": list(images.shape),
+                    "dtype": str(images.dtype), "version": self.VERSION}
+            with open(partial, "w", encoding="utf-8") as file:
+                json.dump(info, file)
+            os.replace(partial, self.info_path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+
+
+def _npy_layout(path):
+    """(data offset, shape, dtype) of a C-order `.npy` file."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
+        if fortran:
+            raise ValueError(f"{path!r} holds a Fortran-order array.")
+        return file.tell(), tuple(shape), np.dtype(dtype)
 
 
 def decode_image(contents, channels):
@@ -909,18 +1478,21 @@ def _collect(dataset, batched, name, paths, progress=None):
     """(images, indices) as numpy arrays from a dataset of (image, index)."""
     done = 0
     if batched:
-        images, indices = [], []
+        # One array for all the images, filled batch by batch (no second copy).
+        images, indices = None, []
         for x, i in dataset.batch(512).prefetch(2).as_numpy_iterator():
-            images.append(x)
+            if images is None:
+                images = np.empty((len(paths),) + x.shape[1:], x.dtype)
+            images[done : done + len(i)] = x
             indices.append(i)
             done += len(i)
             if progress is not None:
                 progress.update(done)
         if progress is not None and done < progress.target:  # files failed
             progress.update(done, finalize=True)
-        if not images:
+        if images is None:
             return np.zeros((0,)), np.zeros((0,), np.int64)
-        return np.concatenate(images), np.concatenate(indices)
+        return images[:done], np.concatenate(indices)
     images, indices = [], []
     for x, i in dataset.prefetch(8).as_numpy_iterator():
         if images and x.shape != images[0].shape:
