@@ -86,14 +86,16 @@ class LazyArray:
                 f"{self.path!r}>")
 
 
-def load(path, lazy_from=None):
+def load(path, lazy_from=None, name=None):
     """Unpickles `path`, rebuilding only plain data.
 
     Args:
-        path: a pickle file.
+        path: a pickle file, or a seekable binary file object (then
+            `lazy_from` must be None).
         lazy_from: `None` (read everything) or a byte count: arrays whose data
             is at least this large and is stored as one run of bytes are not
             read; they come back as `LazyArray`s.
+        name: how errors name the file (default: `path`).
 
     Returns:
         The unpickled object: dicts, lists, tuples, strings, bytes, numbers,
@@ -115,6 +117,13 @@ def load(path, lazy_from=None):
     >>> load(path)["labels"]
     [3, 1]
     """
+    if hasattr(path, "read"):
+        if lazy_from is not None:
+            raise ValueError(
+                "`lazy_from` needs a file path (arrays are read from it later); "
+                f"received a file object {path!r}."
+            )
+        return _load(path, name or getattr(path, "name", repr(path)), None)
     path = os.fspath(path)
     if lazy_from is not None and (
         isinstance(lazy_from, bool) or not isinstance(lazy_from, (int, np.integer))
@@ -125,22 +134,26 @@ def load(path, lazy_from=None):
             f"lazy_from={lazy_from!r}"
         )
     with open(path, "rb") as file:
-        head = file.read(64)
-        _check_head(path, head)
-        file.seek(0)
-        unpickler = _Unpickler(file, path, lazy_from)
-        try:
-            result = unpickler.load()
-        except UnsafePickleError:
-            raise
-        except (pickle.UnpicklingError, EOFError, struct.error, ValueError,
-                TypeError, IndexError, KeyError, AttributeError) as error:
-            raise ValueError(
-                f"Could not unpickle {path!r}: {type(error).__name__}: {error}. "
-                "The file is damaged or truncated (compare its size with the "
-                "original), or is not a pickle."
-            ) from error
-    return _Finisher(path).finish(result)
+        return _load(file, name or path, lazy_from, path)
+
+
+def _load(file, name, lazy_from, path=None):
+    head = file.read(64)
+    _check_head(name, head)
+    file.seek(0)
+    unpickler = _Unpickler(file, name, lazy_from)
+    try:
+        result = unpickler.load()
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, struct.error, ValueError,
+            TypeError, IndexError, KeyError, AttributeError) as error:
+        raise ValueError(
+            f"Could not unpickle {name!r}: {type(error).__name__}: {error}. "
+            "The file is damaged or truncated (compare its size with the "
+            "original), or is not a pickle."
+        ) from error
+    return _Finisher(path or name).finish(result)
 
 
 def _check_head(path, head):
@@ -323,6 +336,9 @@ class _Unpickler(pickle._Unpickler):
         self._refuse_opcode("NEWOBJ_EX")
 
     def load_inst(self):
+        module = self.readline()[:-1].decode("ascii")
+        name = self.readline()[:-1].decode("ascii")
+        self.find_class(module, name)  # names what it asks for
         self._refuse_opcode("INST")
 
     def load_obj(self):
