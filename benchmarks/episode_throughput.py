@@ -1,6 +1,8 @@
 """Episode pipeline throughput against what a conv4 MAML train step consumes.
 
-Builds 5-way 1-shot 15-query meta-batches of 32 tasks from real Omniglot
+Two settings (`--dataset`):
+
+`omniglot` (the default). Builds 5-way 1-shot 15-query meta-batches of 32 tasks from real Omniglot
 images (the MAML split of the characters found under `--data_dir`, rotations
 as classes) and reports, in one process:
 
@@ -24,14 +26,31 @@ as classes) and reports, in one process:
 `--data_dir` is a folder of Omniglot images (`<alphabet>/<character>/*.png`
 at any depth) or a folder of zips of such folders, unzipped to a temporary
 folder first.
+
+`mini_imagenet`. The MAML paper's mini-ImageNet setting: 84x84x3 images,
+5-way 1-shot and 5-shot, 15 queries, meta-batches of 4, and a conv4 of 32
+filters with max-pooling trained by second-order MAML with 5 inner steps of
+0.01. The source is the pickle layout of `km.data.mini_imagenet` (compact:
+uint8 read from disk and converted per episode), from `--data_dir`, or
+generated (`--generated_per_class` random images for each of the 64 train
+classes, 600 by default: the full-size train split, 2.7 GB as float32, 0.8 GB
+here, on disk). For each shot count it reports the pipeline's meta-batches
+per second without and with `km.data.Augmentation()` (crop, flip, colour
+jitter), the median MAML step, and the ratio (target >= 10).
+
+    python benchmarks/episode_throughput.py --dataset mini_imagenet
+    python benchmarks/episode_throughput.py --dataset mini_imagenet --data_dir /data/mini-imagenet
 """
 
 import argparse
 import os
+import pickle
 import statistics
 import tempfile
 import time
 import zipfile
+
+import numpy as np
 
 import keras_meta as km
 
@@ -52,9 +71,9 @@ def image_folder(data_dir, scratch):
     return scratch
 
 
-def pipeline_rate(source, meta_batch_size, batches, repeats):
+def pipeline_rate(source, meta_batch_size, batches, repeats, k_shot=K_SHOT):
     """Median meta-batches per second over `repeats` runs of `batches`."""
-    iterator = iter(km.data.episodes(source, N_WAY, K_SHOT, Q_QUERY, meta_batch_size, seed=0))
+    iterator = iter(km.data.episodes(source, N_WAY, k_shot, Q_QUERY, meta_batch_size, seed=0))
     for _ in range(20):  # warm-up: tracing, thread pools, prefetch buffer
         next(iterator)
     rates = []
@@ -67,10 +86,16 @@ def pipeline_rate(source, meta_batch_size, batches, repeats):
     return statistics.median(rates), rates
 
 
-def make_learner(task_execution="sequential", seed=0):
+def make_learner(task_execution="sequential", seed=0, mini_imagenet=False):
     keras.utils.set_random_seed(seed)
-    learner = km.MAML(km.models.conv4(N_WAY, seed=seed), inner_learning_rate=0.4, inner_steps=1,
-                      task_execution=task_execution)
+    if mini_imagenet:  # MAML's mini-ImageNet network and inner loop
+        model = km.models.conv4(N_WAY, filters=32, input_shape=(84, 84, 3),
+                                downsampling="max_pool", seed=seed)
+        learner = km.MAML(model, inner_learning_rate=0.01, inner_steps=5,
+                          task_execution=task_execution)
+    else:
+        learner = km.MAML(km.models.conv4(N_WAY, seed=seed), inner_learning_rate=0.4,
+                          inner_steps=1, task_execution=task_execution)
     learner.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -78,12 +103,13 @@ def make_learner(task_execution="sequential", seed=0):
     return learner
 
 
-def train_step_time(source, meta_batch_size, steps, warmup, task_execution):
+def train_step_time(source, meta_batch_size, steps, warmup, task_execution, k_shot=K_SHOT,
+                    mini_imagenet=False):
     """Median seconds of one MAML train step on in-memory meta-batches."""
     batches = list(
-        km.data.episodes(source, N_WAY, K_SHOT, Q_QUERY, meta_batch_size, seed=1).take(4)
+        km.data.episodes(source, N_WAY, k_shot, Q_QUERY, meta_batch_size, seed=1).take(4)
     )
-    learner = make_learner(task_execution)
+    learner = make_learner(task_execution, mini_imagenet=mini_imagenet)
     for i in range(warmup):
         learner.train_on_batch(batches[i % 4])
     times = []
@@ -114,11 +140,67 @@ def fit_seconds_per_step(datasets, steps, rounds=3):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def generate_mini_imagenet(folder, per_class, seed=0):
+    """The pickle layout's train split: 64 classes of random 84x84x3 images."""
+    classes = km.data.published_split("mini_imagenet")["train"]
+    images = np.random.default_rng(seed).integers(
+        0, 256, (len(classes) * per_class, 84, 84, 3), dtype=np.uint8
+    )
+    class_dict = {c: list(range(i * per_class, (i + 1) * per_class)) for i, c in enumerate(classes)}
+    with open(os.path.join(folder, "mini-imagenet-cache-train.pkl"), "wb") as file:
+        pickle.dump({"image_data": images, "class_dict": class_dict}, file, protocol=4)
+
+
+def mini_imagenet_main(args):
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.data_dir
+        if folder is None:
+            start = time.perf_counter()
+            generate_mini_imagenet(scratch, args.generated_per_class)
+            folder = scratch
+            print(f"Generated the pickle layout ({64 * args.generated_per_class} random "
+                  f"84x84x3 images) in {time.perf_counter() - start:.1f} s")
+        start = time.perf_counter()
+        train = km.data.mini_imagenet("train", folder)
+        print(f"Loaded {train} in {time.perf_counter() - start:.2f} s ({train.storage})")
+        augmented = train.with_augmentation(km.data.Augmentation())
+        meta_batch_size = args.meta_batch_size or 4
+        rows = []
+        for k_shot in (1, 5):
+            plain = pipeline_rate(train, meta_batch_size, args.batches, args.repeats, k_shot)[0]
+            jittered = pipeline_rate(augmented, meta_batch_size, args.batches, args.repeats,
+                                     k_shot)[0]
+            step = None
+            for task_execution in args.task_execution:
+                median, steps = train_step_time(train, meta_batch_size, args.steps, args.warmup,
+                                                task_execution, k_shot, mini_imagenet=True)
+                print(f"5-way {k_shot}-shot: conv4(32, max_pool) second-order MAML step, 5 "
+                      f"inner steps ({task_execution} tasks): {median * 1000:.0f} ms median of "
+                      f"{args.steps} ({', '.join(f'{s * 1000:.0f}' for s in steps)} ms) = "
+                      f"{1 / median:.3f} meta-batches/s consumed")
+                step = median if step is None else min(step, median)
+            for label, rate in (("no augmentation", plain), ("with augmentation", jittered)):
+                print(f"5-way {k_shot}-shot {Q_QUERY}-query, meta-batch {meta_batch_size}, "
+                      f"{label}: pipeline {rate:.1f} meta-batches/s, step consumes "
+                      f"{1 / step:.3f}/s: ratio {rate * step:.0f}x (target >= 10x)")
+                rows.append((k_shot, label, rate, 1 / step, rate * step))
+        print("\n| setting | pipeline (meta-batches/s) | MAML step consumes (/s) | ratio |")
+        print("|---|---|---|---|")
+        for k_shot, label, rate, consumed, ratio in rows:
+            print(f"| 5-way {k_shot}-shot, {label} | {rate:.1f} | {consumed:.3f} | {ratio:.0f}x |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", default="/work/shared/data/omniglot",
-                        help="Omniglot image folder, or a folder of zips of them")
-    parser.add_argument("--meta_batch_size", type=int, default=32)
+    parser.add_argument("--dataset", default="omniglot", choices=["omniglot", "mini_imagenet"])
+    parser.add_argument("--data_dir", default=None,
+                        help="Omniglot image folder, or a folder of zips of them (default "
+                             "/work/shared/data/omniglot); for mini_imagenet, a folder of the "
+                             "pickle layout (default: generated)")
+    parser.add_argument("--generated_per_class", type=int, default=600,
+                        help="mini_imagenet: images per class when generating")
+    parser.add_argument("--meta_batch_size", type=int, default=None,
+                        help="tasks per meta-batch (default 32 for omniglot, 4 for mini_imagenet)")
     parser.add_argument("--batches", type=int, default=200, help="meta-batches per timed run")
     parser.add_argument("--repeats", type=int, default=5, help="timed pipeline runs")
     parser.add_argument("--steps", type=int, default=5, help="timed train steps")
@@ -133,6 +215,10 @@ def main():
 
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
           f"{os.cpu_count()} CPUs visible, GPUs: {len(tf.config.list_physical_devices('GPU'))}")
+    if args.dataset == "mini_imagenet":
+        return mini_imagenet_main(args)
+    args.meta_batch_size = args.meta_batch_size or 32
+    args.data_dir = args.data_dir or "/work/shared/data/omniglot"
     with tempfile.TemporaryDirectory() as scratch:
         folder = image_folder(args.data_dir, scratch)
         start = time.perf_counter()

@@ -58,10 +58,11 @@ CIFAR100 = {
 # Writers of the real layouts.
 
 
-def py2_dumps(obj):
+def py2_dumps(obj, file=None):
     """A pickle as Python 2's cPickle (protocol 2) writes it: str as BINSTRING,
-    numpy arrays through numpy.core.multiarray._reconstruct."""
-    out = io.BytesIO()
+    numpy arrays through numpy.core.multiarray._reconstruct. Written to `file`
+    if given, else returned."""
+    out = file if file is not None else io.BytesIO()
     w = out.write
 
     def string(value):
@@ -114,7 +115,7 @@ def py2_dumps(obj):
     w(b"\x80\x02")
     dump(obj)
     w(b".")
-    return out.getvalue()
+    return None if file is not None else out.getvalue()
 
 
 def noise_images(count, size, seed=0, channels=3):
@@ -622,6 +623,12 @@ def test_tiered_imagenet_png_pickle_decodes_per_episode(tmp_path, python2):
             cls = batch["classes"][task][label].numpy()
             pool = images[labels["label_specific"] == cls].astype(np.float32) / 255
             assert np.min(np.abs(pool - x).max(axis=(1, 2, 3))) < 1e-6
+    cached = km.data.tiered_imagenet("train", tmp_path, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("tiered-png-index-*.npz"))) == 1
+    again = km.data.tiered_imagenet("train", tmp_path, cache_dir=tmp_path / "cache")
+    for other in (cached, again):
+        np.testing.assert_array_equal(other.x.offsets, source.x.offsets)
+        np.testing.assert_array_equal(other.x[[3, 0]], images[[3, 0]])
     general = km.data.tiered_imagenet("train", tmp_path, labels="general")
     assert general.class_names == ("category0", "category1")
     np.testing.assert_array_equal(general.examples_per_class, [10, 10])
@@ -1007,13 +1014,11 @@ def test_full_size_mini_imagenet_pickle_memory(tmp_path):
 @pytest.mark.large
 def test_tiered_sized_png_pickle_memory(tmp_path):
     """120,000 PNGs (84x84x3) in the png_pickle layout: episodes read from disk."""
-    rng = np.random.default_rng(0)
     count, per_class = 120_000, 1_200
-    base = rng.integers(0, 256, (64, 84, 84, 3), dtype=np.uint8)
-    encoded = [np.frombuffer(png_bytes(base[i % 64]), np.uint8).reshape(-1, 1) for i in range(count)]
+    base = [np.frombuffer(png_bytes(image), np.uint8).reshape(-1, 1)
+            for image in noise_images(64, 84)]
     with open(tmp_path / "train_images_png.pkl", "wb") as f:
-        f.write(py2_dumps(encoded))
-    del encoded
+        py2_dumps([base[i % 64] for i in range(count)], f)
     with open(tmp_path / "train_labels.pkl", "wb") as f:
         f.write(py2_dumps(tiered_labels(per_class, count // per_class)))
     size = os.path.getsize(tmp_path / "train_images_png.pkl")

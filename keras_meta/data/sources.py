@@ -369,10 +369,15 @@ class Source:
             )
             rotated = tf.stack([tf.image.rot90(images, k) for k in range(4)], axis=1)
             images = tf.gather(rotated, turns, axis=1, batch_dims=1)
-        if self.scale is not None:
-            images = tf.cast(images, tf.float32) * self.scale
-        if self.augmentation is not None:
-            images = _augment(self.augmentation, images, flat)
+        if getattr(self.augmentation, "stateless", False):
+            # Converts too: crops and flips the stored integers (fewer bytes
+            # to move), then jitters the float32 images.
+            images = self.augmentation(images, seed=_episode_seed(flat), scale=self.scale)
+        else:
+            if self.scale is not None:
+                images = tf.cast(images, tf.float32) * self.scale
+            if self.augmentation is not None:
+                images = self.augmentation(images, training=True)
         return tf.reshape(images, outer + example_shape)
 
 
@@ -396,14 +401,15 @@ class _ArrayRows:
         return np.ascontiguousarray(self.array[rows])
 
 
-def _augment(augmentation, images, rows):
-    if getattr(augmentation, "stateless", False):
-        # A seed from the rows drawn: the same episode gets the same
-        # augmentation, and the stream stays a pure function of its seed.
-        weights = tf.range(1, tf.size(rows, out_type=tf.int64) + 1) * 2 - 1
-        fingerprint = tf.reduce_sum((rows + 1) * weights * 2654435761)
-        return augmentation(images, seed=tf.stack([fingerprint, tf.size(rows, out_type=tf.int64)]))
-    return augmentation(images, training=True)
+def _episode_seed(rows):
+    """A stateless seed (int64 [2]) from the rows an episode drew.
+
+    The same episode gets the same augmentation, and the stream stays a pure
+    function of its seed.
+    """
+    weights = tf.range(1, tf.size(rows, out_type=tf.int64) + 1) * 2 - 1
+    fingerprint = tf.reduce_sum((rows + 1) * weights * 2654435761)
+    return tf.stack([fingerprint, tf.size(rows, out_type=tf.int64)])
 
 
 def _check_scale(scale, x, name):
