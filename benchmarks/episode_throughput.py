@@ -33,7 +33,7 @@ filters with max-pooling trained by second-order MAML with 5 inner steps of
 0.01. The source is the pickle layout of `km.data.mini_imagenet` (compact:
 uint8 read from disk and converted per episode), from `--data_dir`, or
 generated (`--generated_per_class` random images for each of the 64 train
-classes, 600 by default: the full-size train split, 2.7 GB as float32, 0.8 GB
+classes, 600 by default: the full-size train split, 3.3 GB as float32, 0.8 GB
 here, on disk). For each shot count it reports the pipeline's meta-batches
 per second without and with `km.data.Augmentation()` (crop, flip, colour
 jitter), the median MAML step, and the ratio (target >= 10).
