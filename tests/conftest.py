@@ -40,6 +40,18 @@ def float64():
         keras.config.set_dtype_policy(previous[1])
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_tensor_float_32():
+    """Full float32 matrix products and convolutions on GPUs (no TF32), so that
+    the float32 tolerances of the numerics tests hold there too. A no-op on CPUs."""
+    import tensorflow as tf
+
+    previous = tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    yield
+    tf.config.experimental.enable_tensor_float_32_execution(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)
