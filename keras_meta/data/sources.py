@@ -21,6 +21,7 @@ import random
 import re
 import socket
 import sys
+import threading
 import urllib.error
 
 import numpy as np
@@ -520,11 +521,14 @@ class DiskImages:
 
     def _descriptor(self):
         if self._fd is None or self._pid != os.getpid():  # reopened after a fork
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+            with _OPEN_LOCK:  # pipeline threads read at once
+                if self._fd is None or self._pid != os.getpid():
+                    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+                    self._fd, self._pid = os.open(self.path, flags), os.getpid()
         return self._fd
 
     def _pread(self, size, offset, what):
-        data = os.pread(self._descriptor(), size, offset)
+        data = _read_at(self._descriptor(), size, offset)
         if len(data) != size:
             raise ValueError(
                 f"{self.path!r} ends before {what} (byte {offset} + {size}): the "
@@ -582,8 +586,12 @@ class RawImages(DiskImages):
         fd = self._descriptor()
         for i, row in enumerate(self.rows[indices]):
             offset = self.offset + int(row) * self.row_bytes
-            if os.preadv(fd, [flat[i]], offset) != self.row_bytes:
-                self._pread(self.row_bytes, offset, f"image {row}")  # raises
+            if hasattr(os, "preadv"):  # straight into the output
+                if os.preadv(fd, [flat[i]], offset) != self.row_bytes:
+                    self._pread(self.row_bytes, offset, f"image {row}")  # raises
+            else:
+                flat[i] = np.frombuffer(self._pread(self.row_bytes, offset, f"image {row}"),
+                                        np.uint8)
         if self.channel_order == "bgr":
             out = out[..., ::-1].copy()
         return out
@@ -634,6 +642,7 @@ class EncodedImages(DiskImages):
 
     def read(self, indices):
         """uint8 `[len(indices), *image_shape]`, decoded."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         encoded = self.read_encoded(indices)
         channels = self.image_shape[-1]
         images = np.empty((len(encoded),) + self.image_shape, np.uint8)
@@ -646,6 +655,18 @@ class EncodedImages(DiskImages):
                 )
             images[i] = image
         return images
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+def _read_at(fd, size, offset):
+    """`size` bytes of `fd` from `offset` (thread-safe)."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, offset)
+    with _OPEN_LOCK:  # no positional reads (Windows): seek and read under a lock
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, size)
 
 
 def _check_rotations(rotations):
