@@ -28,7 +28,6 @@ import tensorflow as tf
 from keras_meta.data import safe_pickle
 from keras_meta.data.sources import (
     DatasetDownloadError,
-    DiskImages,
     EncodedImages,
     IMAGE_EXTENSIONS,
     RawImages,
@@ -974,40 +973,37 @@ def _label_names(names, default):
     return list(default)
 
 
-def _cifar100_python(data_dir):
-    """CIFAR-100's python version from a folder: the archive or its extraction."""
-    folders = [data_dir, os.path.join(data_dir, "cifar-100-python")]
-    for folder in folders:
+def _cifar100_reader(data_dir):
+    """(where, read): `read(part)` unpickles CIFAR-100's `train`, `test` or `meta`."""
+    for folder in (data_dir, os.path.join(data_dir, "cifar-100-python")):
         paths = {n: os.path.join(folder, n) for n in ("train", "test", "meta")}
         if all(os.path.isfile(p) for p in paths.values()):
-            def read(part, paths=paths):
-                return safe_pickle.load(paths[part])
-            where = folder
-            break
-    else:
-        archive = os.path.join(data_dir, "cifar-100-python.tar.gz")
-        if not os.path.isfile(archive):
-            raise FileNotFoundError(
-                f"No CIFAR-100 python version in `data_dir`={data_dir!r}: expected "
-                "cifar-100-python.tar.gz, or the folder cifar-100-python/ (or "
-                f"`data_dir` itself) holding train, test and meta. It holds: "
-                f"{_found(data_dir)}."
-            )
-        where = archive
-        with tarfile.open(archive, "r:*") as tar:
-            members = {}
-            for member in tar.getmembers():
-                base = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and base in ("train", "test", "meta"):
-                    members[base] = tar.extractfile(member).read()
-        missing = sorted({"train", "test", "meta"} - set(members))
-        if missing:
-            raise ValueError(f"{archive!r} lacks {missing}: it is not the CIFAR-100 "
-                             "python version.")
+            return folder, lambda part: safe_pickle.load(paths[part])
+    archive = os.path.join(data_dir, "cifar-100-python.tar.gz")
+    if not os.path.isfile(archive):
+        raise FileNotFoundError(
+            f"No CIFAR-100 python version in `data_dir`={data_dir!r}: expected "
+            "cifar-100-python.tar.gz, or the folder cifar-100-python/ (or "
+            f"`data_dir` itself) holding train, test and meta. It holds: "
+            f"{_found(data_dir)}."
+        )
+    members = {}
+    with tarfile.open(archive, "r:*") as tar:  # read in place, not extracted
+        for member in tar.getmembers():
+            base = member.name.rsplit("/", 1)[-1]
+            if member.isfile() and base in ("train", "test", "meta"):
+                members[base] = tar.extractfile(member).read()
+    missing = sorted({"train", "test", "meta"} - set(members))
+    if missing:
+        raise ValueError(f"{archive!r} lacks {missing}: it is not the CIFAR-100 "
+                         "python version.")
+    return archive, lambda part: safe_pickle.load(io.BytesIO(members[part]),
+                                                  name=f"{archive}:{part}")
 
-        def read(part, members=members, archive=archive):
-            return safe_pickle.load(io.BytesIO(members[part]), name=f"{archive}:{part}")
 
+def _cifar100_python(data_dir):
+    """CIFAR-100's python version from a folder: the archive or its extraction."""
+    where, read = _cifar100_reader(data_dir)
     meta = read("meta")
     try:
         fine_names = [_text(n) for n in meta["fine_label_names"]]
