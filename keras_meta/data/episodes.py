@@ -124,12 +124,19 @@ def episodes(
             )
             return {key: tf.gather(value, index) for key, value in pool.items()}
 
-    images = _images_tensor(source)
     num_examples = len(source)
+    if source.converts_per_episode:
+        # Compact (uint8, on disk) or augmented sources read, convert and
+        # augment an episode's examples alone.
+        def gather_examples(index, rotation):
+            return source._read_rows(rotation * num_examples + index)
 
-    def gather_examples(index, rotation):
-        # Rotated copies are stacked after the originals: one gather.
-        return tf.gather(images, rotation * num_examples + index)
+    else:
+        images = _images_tensor(source)
+
+        def gather_examples(index, rotation):
+            # Rotated copies are stacked after the originals: one gather.
+            return tf.gather(images, rotation * num_examples + index)
 
     def episode(step):
         task = draw(step)

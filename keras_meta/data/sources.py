@@ -130,29 +130,12 @@ class Source:
         self.examples_per_class = np.bincount(y, minlength=len(class_names))
         self.scale = scale
         self.augmentation = augmentation
-        self._episode_images = None
 
     @property
     def storage(self):
         """How the examples are held: e.g. `"float32 in memory"`, `"uint8 on disk"`."""
         where = "on disk" if isinstance(self.x, DiskImages) else "in memory"
         return f"{np.dtype(self.x.dtype).name} {where}"
-
-    @property
-    def _tensor(self):
-        # `keras_meta.data.episodes` gathers every episode's examples with
-        # `tf.gather(source._tensor, rows)`, making the tensor from `x` when
-        # this is None. A compact or augmented source answers with a reader
-        # instead: tf.gather hands an object with a `sparse_read` method (the
-        # protocol of tf.Variable) its rows, and the reader returns them
-        # converted (and augmented) for that episode alone.
-        if self._episode_images is None and self.converts_per_episode:
-            self._episode_images = _EpisodeReader(self)
-        return self._episode_images
-
-    @_tensor.setter
-    def _tensor(self, value):
-        self._episode_images = value
 
     @property
     def converts_per_episode(self):
@@ -380,16 +363,6 @@ class Source:
             if self.augmentation is not None:
                 images = self.augmentation(images, training=True)
         return tf.reshape(images, outer + example_shape)
-
-
-class _EpisodeReader:
-    """What `episodes` gathers from for a compact or augmented source."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def sparse_read(self, indices, name=None):
-        return self.source._read_rows(indices)
 
 
 class _ArrayRows:
