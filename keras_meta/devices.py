@@ -155,8 +155,9 @@ def measured_rules(check, min_benches=1):
 
     For each family of networks (`"dense"`: bench B1; `"conv"`: B2-B5) the
     (task execution, XLA) combination with the highest geometric mean of
-    meta-steps/s over the family's benches is chosen; a combination that
-    failed or ran out of time on a bench that another one ran is not chosen. A family with fewer than `min_benches`
+    meta-steps/s over the family's benches is chosen (rows of one meta-step
+    per train-function call); a combination that failed or ran out of time on
+    a bench that another one ran is not chosen. A family with fewer than `min_benches`
     such benches is left out (its default rule stays).
 
     Args:
@@ -184,6 +185,8 @@ def measured_rules(check, min_benches=1):
         for row in rows:
             rate = _median_rate(row)
             if row.get("bench") not in benches or rate is None:
+                continue
+            if row.get("steps_per_execution", 1) != 1:  # another setting, not the rule's
                 continue
             key = (row.get("task_execution"), bool(row.get("jit_compile")))
             if key[0] not in TASK_EXECUTIONS:
