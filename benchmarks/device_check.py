@@ -17,7 +17,8 @@ errors, so that a part that fails is recorded and the rest still runs):
   (the partitioned graphs of the run metadata), per device; the floating-point
   ops that are not on the accelerator (`off_device_ops`: a host fallback),
   apart from the input pipeline's and integer bookkeeping (listed apart), and
-  the cross-device transfers (`_Send`/`_Recv`) inside the step. Steps that
+  the cross-device transfers (`_Send`/`_Recv`, and per direction: the episode's
+  tensors go host->device once; more, or device->host->device, is a round trip). Steps that
   XLA compiles run as one cluster: its device is recorded. On a CPU-only
   machine "every op on the accelerator" is vacuous: the per-device counts are
   still recorded.
@@ -127,9 +128,9 @@ QUICK_CONV = dict(n_way=2, k_shot=1, q_query=2, filters=8, image=14)
 # The bench whose spec a learner's placement and gradient checks use.
 LEARNER_BENCH = {"maml": "B2", "anil": "B4", "imaml": "B5"}
 # Quick mode: B2's and B5's specs equal M1's (1 and 3 inner steps), so the
-# placement jobs give those M1 rows; the memory section adds 2 and 1 steps.
+# placement jobs give those M1 rows; the memory section adds MAML at 2 steps.
 QUICK_M1_FROM_PLACEMENT = {"maml": 1, "imaml": 3}
-QUICK_M1_STEPS = {"maml": 2, "imaml": 1}
+QUICK_M1_STEPS = {"maml": 2}
 
 
 def spec_for(name, quick, **changes):
@@ -623,7 +624,7 @@ def job_environment(ctx, job):
              "physical_devices": [f"{d.device_type}:{d.name}" for d in
                                   tf.config.list_physical_devices()],
              "logical_devices": [d.name for d in tf.config.list_logical_devices()],
-             "tensor_float_32": tf.config.experimental.tensor_float_32_execution_enabled(),
+             "tensor_float_32": ctx.tf32_default,  # TensorFlow's default here
              "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
              "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
              "keras_meta_threads_at_import": km.threads.import_time_configuration(),
@@ -677,6 +678,7 @@ def analyse_placement(run_metadata, target):
     (`off_device_ops`: a host fallback inside the step).
     """
     per_device, off_device, integer, host_by_design, transfers, xla = {}, {}, {}, {}, {}, []
+    directions = {}
     for function_graph in run_metadata.function_graphs:
         for graph in function_graph.partition_graphs:
             for node in graph.node:
@@ -684,6 +686,11 @@ def analyse_placement(run_metadata, target):
                 per_device[device] = per_device.get(device, 0) + 1
                 if node.op in TRANSFERS:
                     transfers[node.op] = transfers.get(node.op, 0) + 1
+                    if node.op in ("_Send", "_HostSend"):  # one per transferred tensor
+                        way = (f"{_short_device(node.attr['send_device'].s.decode())}->"
+                               f"{_short_device(node.attr['recv_device'].s.decode())}")
+                        directions[way] = directions.get(way, 0) + 1
+                    continue  # counted as transfers, wherever they sit
                 must_compile = node.attr.get("_XlaMustCompile")
                 if must_compile is not None and must_compile.b:
                     xla.append(device)
@@ -694,7 +701,8 @@ def analyse_placement(run_metadata, target):
                 bucket[node.op] = bucket.get(node.op, 0) + 1
     return {"ops_per_device": per_device, "off_device_ops": off_device,
             "host_integer_ops": integer, "host_by_design_ops": host_by_design,
-            "transfers": transfers, "xla_compiled_calls_on": xla,
+            "transfers": transfers, "transfers_by_direction": directions,
+            "xla_compiled_calls_on": xla,
             "function_graphs": len(run_metadata.function_graphs),
             "all_on_device": not off_device and all(d == target for d in xla)}
 
@@ -979,7 +987,8 @@ def work(mode):
         raise
     # TensorFlow's default (on where the GPU has TF32): what users get, and
     # what the benchmarks and memory jobs run with; numerics jobs turn it off.
-    tf32_default = ctx.tf.config.experimental.tensor_float_32_execution_enabled()
+    tf32_default = ctx.tf32_default = (
+        ctx.tf.config.experimental.tensor_float_32_execution_enabled())
     _reply({"status": "ready"})
     for line in sys.stdin:
         job = json.loads(line)
