@@ -167,6 +167,8 @@ def build(bench, threads=0):
 
     if threads:
         km.configure_cpu_threads(intra_op=threads)
+    else:  # TensorFlow's own pools (keras_meta may set one thread per kernel at import)
+        km.threads.use_default_cpu_threads()
     spec = common.make_spec(bench, inner_steps=FLAGS.inner_steps, algo=FLAGS.algo)
     learner = _learner(spec, km, keras)
     _set_weights(learner, common.init_weights(spec), spec)

@@ -765,6 +765,9 @@ def run():
     if FLAGS.intra_op_threads:
         # The CLI owns its process: set the pools before TensorFlow's runtime starts.
         km.configure_cpu_threads(intra_op=FLAGS.intra_op_threads)
+    elif not km.threads.runtime_started():
+        # 0: TensorFlow's own pools, whatever importing keras_meta chose.
+        km.threads.use_default_cpu_threads()
     if FLAGS.mode == "train":
         return _train()
     return _saved_learner_mode()

@@ -220,3 +220,31 @@ def cpu_threads_hint():
         "after the imports, before any TensorFlow work, or set "
         "TF_NUM_INTRAOP_THREADS=1. KERAS_META_CPU_THREADS=0 silences this note."
     )
+
+
+def use_default_cpu_threads():
+    """Gives TensorFlow back its own pool sizes (undoes `configure_cpu_threads`).
+
+    For programs that ask for TensorFlow's defaults explicitly (the command
+    line's `--intra_op_threads=0`) after importing keras_meta, which may have
+    configured the pools at import. Like `configure_cpu_threads`, it must run
+    before TensorFlow's runtime starts.
+
+    Raises:
+        RuntimeError: TensorFlow's runtime has already started with other pools.
+    """
+    current = (
+        tf.config.threading.get_intra_op_parallelism_threads(),
+        tf.config.threading.get_inter_op_parallelism_threads(),
+    )
+    if current == (0, 0):
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(0)
+        tf.config.threading.set_inter_op_parallelism_threads(0)
+    except RuntimeError as error:
+        raise RuntimeError(
+            "TensorFlow's default thread pools can only be restored before its "
+            f"runtime starts; TensorFlow said: {error}. Set "
+            f"{OPT_OUT_VARIABLE}=0 in the environment instead."
+        ) from error
