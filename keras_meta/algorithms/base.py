@@ -712,25 +712,20 @@ class MetaLearner(EpisodeChecks, keras.Model):
     # Step functions: Keras' own, run with the checks (`_guarded`).
 
     def make_train_function(self, force=False):
-        if self.train_function is not None and not force:
-            return self.train_function
-        super().make_train_function(force=force)
-        self.train_function = self._guarded(self.train_function)
-        return self.train_function
+        return self._make_guarded("train", super().make_train_function, force)
 
     def make_test_function(self, force=False):
-        if self.test_function is not None and not force:
-            return self.test_function
-        super().make_test_function(force=force)
-        self.test_function = self._guarded(self.test_function)
-        return self.test_function
+        return self._make_guarded("test", super().make_test_function, force)
 
     def make_predict_function(self, force=False):
-        if self.predict_function is not None and not force:
-            return self.predict_function
-        super().make_predict_function(force=force)
-        self.predict_function = self._guarded(self.predict_function)
-        return self.predict_function
+        return self._make_guarded("predict", super().make_predict_function, force)
+
+    def _make_guarded(self, kind, make, force):
+        name = f"{kind}_function"
+        if getattr(self, name) is None or force:
+            make(force=force)
+            setattr(self, name, self._guarded(getattr(self, name)))
+        return getattr(self, name)
 
     # ------------------------------------------------------------------
     # Few-shot evaluation, task by task.
