@@ -209,7 +209,7 @@ class AdaptationCurve(keras.callbacks.Callback):
     def set_model(self, model):
         _check_learner(self, model)
         super().set_model(model)
-        if self.evaluation is not None and self.evaluation._model is not model:
+        if self.evaluation is not None and self.evaluation.model is not model:
             self.evaluation.set_model(model)  # not in the callbacks list
 
     def on_train_begin(self, logs=None):

@@ -1,39 +1,71 @@
-"""Fast-weight adaptation: the one place where inner loops run.
+"""The inner loop: one loop, optax-style inner optimisers and transforms.
 
 Fast weights are plain tensors. They reach the network through
-`model.stateless_call`, so adaptation never assigns to the model's variables and
-never copies the model. Every algorithm (MAML, ANIL, iMAML) adapts through
-`gradient_descent` below and calls the network through `forward`.
+`model.stateless_call` (`forward`), so adaptation never assigns to the model's
+variables and never copies the model. Every algorithm adapts through `run`
+below; `gradient_descent` and `minimize` are thin wrappers around it.
+
+An inner optimiser is a pair of pure functions on lists of tensors (optax's
+shape): `init(params) -> state` and `update(grads, state, params) ->
+(updates, state)`, the new fast weights being `params + updates`. A
+*transform* has the same shape and rewrites the gradients before the
+optimiser sees them (`add_decayed_weights`: ANIL's head L2, `add_proximal`:
+iMAML's proximal term); `chain` composes them, as `optax.chain` does:
+
+    chain(add_proximal(2.0), momentum(0.1, momentum=0.5))
+
+Every optimiser is differentiable: with `create_graph=True` an enclosing tape
+takes second-order derivatives through the whole path, momentum and Adam
+included. Learning rates are numbers, scalar tensors, one tensor per adapted
+weight, or a callable `rate(count)` returning either (count = steps taken so
+far), which is where learned and per-step rates plug in
+(see `keras_meta.step_size`).
 """
 
 import collections
-import contextlib
-import inspect
 
-import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_meta.batch_norm import (  # noqa: F401  (the network calls, re-exported)
+    batch_moments,
+    batch_norm_layers,
+    exact_higher_derivatives,
+    forward,
+    forward_with_batch_moments,
+    training_kwargs,
+)
 from keras_meta.validation import check_bool, check_positive_float
 
+InnerOptimizer = collections.namedtuple(
+    "InnerOptimizer", ["name", "init", "update", "penalty"], defaults=(None,)
+)
+InnerOptimizer.__doc__ = """An inner optimiser or transform.
 
-def gradient_descent(loss_fn, params, steps, learning_rate, create_graph=True, unroll=True):
-    """Runs `steps` steps of plain gradient descent from `params`.
+`init(params) -> state`, `update(grads, state, params) -> (updates, state)`;
+`penalty(params, state)`, where not None, is the term of the inner objective
+whose gradient the transform adds (reported by `MetaLearner.support_loss`).
+"""
 
-    Each step computes `params <- params - learning_rate * grad loss_fn(params)`
-    with its own `tf.GradientTape`. With `create_graph=True` the steps stay
-    differentiable, so an enclosing tape can take second-order derivatives
-    through the whole path (MAML). With `create_graph=False` every inner
-    gradient is wrapped in `tf.stop_gradient`, so nothing outside sees through
-    the inner updates (first-order MAML, evaluation, iMAML's inner solve) and
-    no tape is kept across steps.
+
+def run(loss_fn, params, steps, optimizer, state=None, create_graph=False, unroll=True):
+    """Runs `steps` steps of an inner optimiser on `loss_fn` from `params`.
+
+    The one inner loop of keras_meta. Each step takes the gradient of
+    `loss_fn` at the current point with its own `tf.GradientTape` and applies
+    `optimizer`. With `create_graph=True` the steps stay differentiable, so an
+    enclosing tape can take second-order derivatives through the whole path
+    (MAML). With `create_graph=False` every inner gradient is wrapped in
+    `tf.stop_gradient`: nothing outside sees through the updates and no tape
+    is kept across steps.
 
     Args:
-        loss_fn: callable taking a list of tensors (the fast weights) and
-            returning a scalar loss.
+        loss_fn: callable taking a list of tensors and returning a scalar.
         params: list of tensors, the starting point.
-        steps: Python int, number of gradient steps (0 returns `params`).
-        learning_rate: float or scalar tensor, the step size.
+        steps: Python int >= 0.
+        optimizer: an `InnerOptimizer` (`sgd`, `momentum`, `adam`, `chain`).
+        state: the optimiser state to continue from; default
+            `optimizer.init(params)`.
         create_graph: whether the updates stay differentiable.
         unroll: with `False`, and when tracing a graph, the steps run in one
             `tf.while_loop` (differentiable: its gradient replays the steps
@@ -43,18 +75,13 @@ def gradient_descent(loss_fn, params, steps, learning_rate, create_graph=True, u
             step 12 s instead of 133 s). Eager execution always unrolls.
 
     Returns:
-        The list of adapted tensors, in the order of `params`.
-
-    Example:
-
-    >>> import tensorflow as tf
-    >>> w = [tf.constant(3.0)]
-    >>> gradient_descent(lambda p: p[0] ** 2, w, steps=1, learning_rate=0.25)[0]
-    <tf.Tensor: shape=(), dtype=float32, numpy=1.5>
+        `(params, state)`: the adapted tensors and the optimiser state.
     """
     params = list(params)
+    if state is None:
+        state = optimizer.init(params)
 
-    def step(params):
+    def step(params, state):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(params)
             loss = loss_fn(params)
@@ -63,19 +90,62 @@ def gradient_descent(loss_fn, params, steps, learning_rate, create_graph=True, u
         )
         if not create_graph:
             grads = [tf.stop_gradient(g) for g in grads]
-        return [p - _as_dtype(learning_rate, p.dtype) * g for p, g in zip(params, grads)]
+        updates, state = optimizer.update(grads, state, params)
+        return [p + u for p, u in zip(params, updates)], state
 
     if unroll or steps <= 1 or tf.executing_eagerly():
         for _ in range(steps):
-            params = step(params)
-        return params
-    _, params = tf.while_loop(
-        lambda i, p: i < steps,
-        lambda i, p: (i + 1, step(p)),
-        (tf.constant(0), params),
+            params, state = step(params, state)
+        return params, state
+    _, params, state = tf.while_loop(
+        lambda i, p, s: i < steps,
+        lambda i, p, s: (i + 1,) + step(p, s),
+        (tf.constant(0), params, state),
         maximum_iterations=steps,
     )
-    return list(params)
+    return list(params), state
+
+
+def gradient_descent(loss_fn, params, steps, learning_rate, create_graph=True, unroll=True):
+    """Runs `steps` steps of plain gradient descent from `params`.
+
+    `params <- params - learning_rate * grad loss_fn(params)`: `run` with
+    `sgd(learning_rate)`, returning the adapted tensors only.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> w = [tf.constant(3.0)]
+    >>> gradient_descent(lambda p: p[0] ** 2, w, steps=1, learning_rate=0.25)[0]
+    <tf.Tensor: shape=(), dtype=float32, numpy=1.5>
+    """
+    return run(
+        loss_fn, params, steps, sgd(learning_rate), create_graph=create_graph, unroll=unroll
+    )[0]
+
+
+def minimize(loss_fn, params, steps, optimizer, state=None, create_graph=False):
+    """`run` with the steps in a `tf.while_loop` unless `create_graph=True`.
+
+    With `create_graph=False` (the default) the graph does not grow with
+    `steps` and memory does not either (iMAML's inner solve, evaluation);
+    with `create_graph=True` the steps are unrolled and differentiable.
+
+    Returns:
+        `(params, state)`: the adapted tensors and the optimiser state.
+
+    Example:
+
+    >>> import tensorflow as tf
+    >>> w, _ = minimize(lambda p: p[0] ** 2, [tf.constant(3.0)], steps=1,
+    ...                 optimizer=sgd(0.25))
+    >>> w[0]
+    <tf.Tensor: shape=(), dtype=float32, numpy=1.5>
+    """
+    return run(
+        loss_fn, params, steps, optimizer, state=state, create_graph=create_graph,
+        unroll=create_graph,
+    )
 
 
 def _as_dtype(value, dtype):
@@ -86,167 +156,47 @@ def _as_dtype(value, dtype):
     return tf.constant(value, dtype=dtype)
 
 
-def _moments(x, axes, keepdims=False):
-    # tf.nn.moments computes the variance around `stop_gradient(mean)`: exact
-    # first derivatives, wrong second derivatives (the mean's dependence on
-    # the inputs drops out of the Hessian). Same values, exact derivatives.
-    mean = tf.reduce_mean(x, axes, keepdims=True)
-    variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axes, keepdims=True)
-    if not keepdims:
-        mean = tf.squeeze(mean, axes)
-        variance = tf.squeeze(variance, axes)
-    return mean, variance
+# ----------------------------------------------------------------------
+# Learning rates: a number, a tensor, one per weight, or a schedule.
 
 
-@contextlib.contextmanager
-def exact_higher_derivatives():
-    """Makes Keras BatchNorm twice differentiable while the context is open.
-
-    Keras' TensorFlow backend computes batch moments with `tf.nn.moments`,
-    whose variance treats the mean as a constant (`stop_gradient`). Its
-    forward values and first derivatives are exact, but second derivatives
-    through BatchNorm (which second-order MAML and iMAML's Hessian-vector
-    products need) are wrong. Inside this context Keras' moments are computed
-    without the `stop_gradient`: the same values, exact derivatives of every
-    order. keras_meta opens it around its own calls of the network only.
-    """
-    try:
-        from keras.src.backend.tensorflow import nn as backend_nn
-    except ImportError:  # pragma: no cover - Keras moved its internals
-        yield
-        return
-    if not hasattr(backend_nn, "_compute_moments"):  # pragma: no cover
-        yield
-        return
-    original = backend_nn._compute_moments
-    backend_nn._compute_moments = _moments
-    try:
-        yield
-    finally:
-        backend_nn._compute_moments = original
+def _check_rate(learning_rate):
+    # Tensors, lists and schedules are fine here (scaled or learned rates).
+    if not (tf.is_tensor(learning_rate) or callable(learning_rate)
+            or isinstance(learning_rate, (list, tuple))):
+        check_positive_float("learning_rate", learning_rate)
 
 
-def training_kwargs(model, training):
-    """`{"training": training}` if `model.call` takes it, else `{}`.
-
-    `stateless_call` hands its keyword arguments straight to `model.call`
-    (unlike `model(...)`, which drops `training` for calls without it).
-    """
-    accepts = getattr(model, "_call_has_training_arg", None)
-    if accepts is None:
-        parameters = inspect.signature(model.call).parameters
-        accepts = "training" in parameters or any(
-            p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()
-        )
-    return {"training": training} if accepts else {}
+def _rate_init(learning_rate):
+    """The state a learning rate needs: a step count for schedules, else none."""
+    return tf.zeros([], tf.int32) if callable(learning_rate) else ()
 
 
-def forward(model, params, non_trainable, x, training):
-    """Calls `model` at fast weights `params`.
-
-    Returns:
-        `(outputs, non_trainable, losses)`: the network outputs, the values the
-        non-trainable variables would take after the call (e.g. BatchNorm moving
-        statistics; they are never assigned), and the regularisation losses
-        the layers added (e.g. `kernel_regularizer`) at those weights.
-    """
-    with exact_higher_derivatives():
-        outputs, new_non_trainable, losses = model.stateless_call(
-            params, non_trainable, x, return_losses=True, **training_kwargs(model, training)
-        )
-    return outputs, new_non_trainable, losses
-
-
-def batch_norm_layers(model):
-    """The `keras.layers.BatchNormalization` layers of `model` (recursively)."""
-    return [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-
-
-@contextlib.contextmanager
-def _exact_batch_moments(model):
-    """Temporarily sets every BatchNorm `momentum` of `model` to 0.
-
-    With momentum 0 a training-mode call replaces the moving statistics by the
-    current batch's moments exactly (Keras normalises with the biased variance
-    and stores the same), which is how `batch_moments` reads them out for
-    any architecture. The momentum is a Python attribute read when the layer
-    is called (or traced), and it is restored on exit.
-    """
-    layers = batch_norm_layers(model)
-    saved = [layer.momentum for layer in layers]
-    try:
-        for layer in layers:
-            layer.momentum = 0.0
-        yield
-    finally:
-        for layer, momentum in zip(layers, saved):
-            layer.momentum = momentum
-
-
-def batch_moments(model, params, non_trainable, x):
-    """Non-trainable values whose BatchNorm statistics are the moments of `x`.
-
-    Runs `model` on `x` at weights `params` in training mode and returns the
-    non-trainable values with every BatchNorm layer's `moving_mean` and
-    `moving_variance` set to the mean and (biased) variance of its input on
-    this batch. Running the network in inference mode with these values
-    reproduces its training-mode output on `x`. Differentiable in `params`.
-    """
-    with _exact_batch_moments(model), exact_higher_derivatives():
-        _, new_non_trainable = model.stateless_call(
-            params, non_trainable, x, **training_kwargs(model, True)
-        )
-    return new_non_trainable
-
-
-def forward_with_batch_moments(model, params, non_trainable, x):
-    """One training-mode call of `model` returning its outputs and batch moments.
-
-    The outputs and losses of `forward(model, params, non_trainable, x,
-    training=True)` together with the non-trainable values of
-    `batch_moments(model, params, non_trainable, x)`, from a single pass over
-    `x`. ANIL uses it to normalise query features with the support set's
-    moments without running its body twice on the support set.
-
-    Returns:
-        `(outputs, moments, losses)`.
-    """
-    with _exact_batch_moments(model), exact_higher_derivatives():
-        outputs, moments, losses = model.stateless_call(
-            params, non_trainable, x, return_losses=True, **training_kwargs(model, True)
-        )
-    return outputs, moments, losses
+def _rates(learning_rate, count, grads):
+    """One rate per gradient, in its dtype; and the next count."""
+    if callable(learning_rate):
+        rate, count = learning_rate(count), count + 1
+    else:
+        rate = learning_rate
+    if not isinstance(rate, (list, tuple)):
+        rate = [rate] * len(grads)
+    return [_as_dtype(r, g.dtype) for r, g in zip(rate, grads)], count
 
 
 # ----------------------------------------------------------------------
-# Inner optimisers beyond plain gradient descent.
-#
-# An inner optimiser is a pair of pure functions on plain tensors (optax's
-# shape): `init(params) -> state` and `update(grads, state, params) ->
-# (updates, state)`, the new fast weights being `params + updates`. `minimize`
-# runs one. iMAML's inner solve uses them: its meta-gradient does not depend
-# on how the inner problem was solved, so any optimiser will do.
-
-InnerOptimizer = collections.namedtuple("InnerOptimizer", ["name", "init", "update"])
-InnerOptimizer.__doc__ = """An inner optimiser: `init(params)` and `update(grads, state, params)`."""
+# Inner optimisers.
 
 
 def sgd(learning_rate):
-    """Plain gradient descent: `params - learning_rate * grads`.
-
-    `minimize` with it computes exactly what `gradient_descent` computes.
-    """
+    """Plain gradient descent: `params - learning_rate * grads`."""
     _check_rate(learning_rate)
 
     def init(params):
-        return ()
+        return _rate_init(learning_rate)
 
-    def update(grads, state, params):
-        return [-_as_dtype(learning_rate, g.dtype) * g for g in grads], state
+    def update(grads, count, params):
+        rates, count = _rates(learning_rate, count, grads)
+        return [-r * g for r, g in zip(rates, grads)], count
 
     return InnerOptimizer("sgd", init, update)
 
@@ -263,17 +213,18 @@ def momentum(learning_rate, momentum=0.9, nesterov=False):
     nesterov = check_bool("nesterov", nesterov)
 
     def init(params):
-        return [tf.zeros_like(p) for p in params]
+        return [tf.zeros_like(p) for p in params], _rate_init(learning_rate)
 
-    def update(grads, velocity, params):
-        rate = [_as_dtype(learning_rate, g.dtype) for g in grads]
+    def update(grads, state, params):
+        velocity, count = state
+        rate, count = _rates(learning_rate, count, grads)
         mu = [_as_dtype(momentum, g.dtype) for g in grads]
         velocity = [m * v - r * g for m, v, r, g in zip(mu, velocity, rate, grads)]
         if nesterov:
             updates = [m * v - r * g for m, v, r, g in zip(mu, velocity, rate, grads)]
         else:
             updates = list(velocity)
-        return updates, velocity
+        return updates, (velocity, count)
 
     return InnerOptimizer("momentum", init, update)
 
@@ -295,29 +246,25 @@ def adam(learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
             tf.zeros([], dtype),
             [tf.zeros_like(p) for p in params],
             [tf.zeros_like(p) for p in params],
+            _rate_init(learning_rate),
         )
 
     def update(grads, state, params):
-        count, first, second = state
+        count, first, second, rate_count = state
+        rates, rate_count = _rates(learning_rate, rate_count, grads)
         count = count + 1
         b1 = _as_dtype(beta_1, count.dtype)
         b2 = _as_dtype(beta_2, count.dtype)
-        scale = _as_dtype(learning_rate, count.dtype) * tf.sqrt(1 - b2**count) / (1 - b1**count)
+        correction = tf.sqrt(1 - b2**count) / (1 - b1**count)
         first = [m + (1 - tf.cast(b1, g.dtype)) * (g - m) for m, g in zip(first, grads)]
         second = [v + (1 - tf.cast(b2, g.dtype)) * (g * g - v) for v, g in zip(second, grads)]
         updates = [
-            -tf.cast(scale, m.dtype) * m / (tf.sqrt(v) + _as_dtype(epsilon, v.dtype))
-            for m, v in zip(first, second)
+            -(r * tf.cast(correction, m.dtype)) * m / (tf.sqrt(v) + _as_dtype(epsilon, v.dtype))
+            for r, m, v in zip(rates, first, second)
         ]
-        return updates, (count, first, second)
+        return updates, (count, first, second, rate_count)
 
     return InnerOptimizer("adam", init, update)
-
-
-def _check_rate(learning_rate):
-    # A tensor is fine here (a scaled or learned step size inside a step).
-    if not tf.is_tensor(learning_rate):
-        check_positive_float("learning_rate", learning_rate)
 
 
 def _check_fraction(name, value):
@@ -342,7 +289,7 @@ def get_inner_optimizer(identifier, learning_rate):
         identifier: `"sgd"`, `"momentum"` or `"adam"`, or a dict with a
             `"name"` among those and the optimiser's keyword arguments
             (e.g. `{"name": "momentum", "momentum": 0.5}`).
-        learning_rate: the step size.
+        learning_rate: the step size (see the module docstring).
 
     Returns:
         An `InnerOptimizer`.
@@ -372,61 +319,72 @@ def get_inner_optimizer(identifier, learning_rate):
         ) from error
 
 
-def minimize(loss_fn, params, steps, optimizer, state=None, create_graph=False):
-    """Runs `steps` steps of an inner optimiser on `loss_fn` from `params`.
+# ----------------------------------------------------------------------
+# Transforms of the inner gradients, and their composition.
 
-    With `create_graph=False` (the default) the steps run in a
-    `tf.while_loop` (a Python loop when eager): the graph does not grow with
-    `steps`, each gradient is wrapped in `tf.stop_gradient`, and no tape is
-    kept across steps, so memory does not grow with `steps` either (iMAML's
-    inner solve, evaluation). With `create_graph=True` the steps are unrolled
-    and stay differentiable, like `gradient_descent(create_graph=True)`.
 
-    Args:
-        loss_fn: callable taking a list of tensors and returning a scalar.
-        params: list of tensors, the starting point.
-        steps: Python int >= 0.
-        optimizer: an `InnerOptimizer` (`sgd`, `momentum`, `adam`).
-        state: the optimiser state to continue from; default
-            `optimizer.init(params)`.
-        create_graph: whether the updates stay differentiable.
+def add_decayed_weights(weight_decay):
+    """Adds `weight_decay * params` to the gradients.
 
-    Returns:
-        `(params, state)`: the adapted tensors and the optimiser state.
-
-    Example:
-
-    >>> import tensorflow as tf
-    >>> w, _ = minimize(lambda p: p[0] ** 2, [tf.constant(3.0)], steps=1,
-    ...                 optimizer=sgd(0.25))
-    >>> w[0]
-    <tf.Tensor: shape=(), dtype=float32, numpy=1.5>
+    The gradient of `weight_decay / 2 * ||params||^2` (ANIL's head L2).
     """
-    params = list(params)
-    if state is None:
-        state = optimizer.init(params)
 
-    def step(params, state):
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(params)
-            loss = loss_fn(params)
-        grads = tape.gradient(
-            loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        if not create_graph:
-            grads = [tf.stop_gradient(g) for g in grads]
-        updates, state = optimizer.update(grads, state, params)
-        return [p + u for p, u in zip(params, updates)], state
+    def init(params):
+        return ()
 
-    if steps == 0:
-        return params, state
-    if create_graph:
-        for _ in range(steps):
-            params, state = step(params, state)
-        return params, state
-    _, params, state = tf.while_loop(
-        lambda i, p, s: i < steps,
-        lambda i, p, s: (i + 1,) + step(p, s),
-        (tf.constant(0), params, state),
-    )
-    return list(params), state
+    def update(grads, state, params):
+        return [g + _as_dtype(weight_decay, g.dtype) * p for g, p in zip(grads, params)], state
+
+    def penalty(params, state):
+        squares = tf.add_n([tf.reduce_sum(tf.square(p)) for p in params])
+        return _as_dtype(weight_decay / 2, squares.dtype) * squares
+
+    return InnerOptimizer("add_decayed_weights", init, update, penalty)
+
+
+def add_proximal(strength):
+    """Adds `strength * (params - anchor)`, the anchor being where `init` ran.
+
+    The gradient of `strength / 2 * ||params - anchor||^2` (iMAML's proximal
+    term). The anchor is the transform's state, so a continued run (from a
+    returned state) stays anchored at the same point.
+    """
+
+    def init(params):
+        return list(params)
+
+    def update(grads, anchor, params):
+        return [
+            g + _as_dtype(strength, g.dtype) * (p - a) for g, p, a in zip(grads, params, anchor)
+        ], anchor
+
+    def penalty(params, anchor):
+        distance = tf.add_n([tf.reduce_sum(tf.square(p - a)) for p, a in zip(params, anchor)])
+        return _as_dtype(strength / 2, distance.dtype) * distance
+
+    return InnerOptimizer("add_proximal", init, update, penalty)
+
+
+def chain(*transforms):
+    """Applies `transforms` in order (the last is usually the optimiser)."""
+    if len(transforms) == 1:
+        return transforms[0]
+
+    def init(params):
+        return tuple(t.init(params) for t in transforms)
+
+    def update(grads, state, params):
+        states = []
+        for transform, inner in zip(transforms, state):
+            grads, inner = transform.update(grads, inner, params)
+            states.append(inner)
+        return grads, tuple(states)
+
+    def penalty(params, state):
+        terms = [
+            t.penalty(params, s) for t, s in zip(transforms, state) if t.penalty is not None
+        ]
+        return tf.add_n(terms) if terms else None
+
+    name = "+".join(t.name for t in transforms)
+    return InnerOptimizer(name, init, update, penalty)

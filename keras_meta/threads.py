@@ -100,15 +100,13 @@ def usable_cores():
 def runtime_started():
     """Whether TensorFlow's eager runtime has started (its pools are then fixed).
 
-    Reads TensorFlow's private context (`context_safe()._context_handle`,
-    which `tf.config.threading`'s setters check themselves): no public call
-    says it without starting the runtime (`tf.config.list_logical_devices`
-    starts it).
+    No public call says it without starting the runtime
+    (`tf.config.list_logical_devices` starts it): see
+    `keras_meta._internals.runtime_started`.
     """
-    from tensorflow.python.eager import context
+    from keras_meta import _internals
 
-    current = context.context_safe()
-    return current is not None and getattr(current, "_context_handle", None) is not None
+    return _internals.runtime_started()
 
 
 def configure_at_import(environ=None, physical_devices=None):

@@ -10,8 +10,7 @@ from keras_meta import inner_loop
 from tests import helpers
 
 
-def _sce():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+_sce = helpers.sparse_ce
 
 
 def _tensors(values):
@@ -67,16 +66,7 @@ def reference_meta_loss(learner, params, episode, l2=0.0):
     return tf.add_n(losses) / len(losses)
 
 
-def check_against_finite_differences(loss_fn, params, gradient, directions=3, eps=1e-5, seed=0):
-    rng = np.random.default_rng(seed)
-    for _ in range(directions):
-        direction = [rng.normal(size=p.shape) for p in params]
-        plus = loss_fn([p + eps * d for p, d in zip(params, direction)])
-        minus = loss_fn([p - eps * d for p, d in zip(params, direction)])
-        numeric = (float(plus) - float(minus)) / (2 * eps)
-        analytic = sum(float(np.sum(g * d)) for g, d in zip(gradient, direction))
-        rel = abs(numeric - analytic) / max(abs(numeric), 1e-12)
-        assert rel <= 1e-5, (numeric, analytic, rel)
+check_against_finite_differences = helpers.assert_matches_finite_differences
 
 
 def second_order_check(learner, episode, l2=0.0):

@@ -13,10 +13,10 @@ and one row per learner and task execution.
 import itertools
 
 import keras
-import numpy as np
 import pytest
 
 import keras_meta as km
+from keras_meta import testing
 
 LEARNERS = ("maml", "fomaml", "anil", "imaml")
 N_WAY = 5
@@ -37,21 +37,10 @@ def _learner(name, model, inner_steps, task_execution):
         learner = km.IMAML(model, l2_regularization=1.0, cg_iterations=2, **common)
     learner.compile(
         optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=testing.sparse_ce(),
         metrics=["accuracy"],
     )
     return learner
-
-
-def _episodes(shape, k_shot, seed):
-    rng = np.random.default_rng(seed)
-    per_class = k_shot + 1
-    images = rng.random((N_WAY * per_class,) + shape, dtype=np.float32)
-    labels = np.repeat(np.arange(N_WAY), per_class)
-    source = km.data.from_arrays(images, labels)
-    return km.data.episodes(
-        source, n_way=N_WAY, k_shot=k_shot, q_query=1, meta_batch_size=2, seed=seed
-    )
 
 
 def _run(learner_name, downsampling, shape, filters, task_execution, k_shot, inner_steps):
@@ -59,19 +48,7 @@ def _run(learner_name, downsampling, shape, filters, task_execution, k_shot, inn
         N_WAY, filters=filters, input_shape=shape, downsampling=downsampling, seed=0
     )
     learner = _learner(learner_name, model, inner_steps, task_execution)
-    before = [np.array(v) for v in model.trainable_variables]
-    history = learner.fit(_episodes(shape, k_shot, 0), steps_per_epoch=2, epochs=1, verbose=0)
-    logs = learner.evaluate(_episodes(shape, k_shot, 1), steps=1, verbose=0, return_dict=True)
-    after = [np.array(v) for v in model.trainable_variables]
-    train = {key: values[-1] for key, values in history.history.items()}
-    assert all(np.isfinite(value) for value in train.values()), train
-    assert train["non_finite_tasks"] == 0, train
-    assert all(np.isfinite(value) for value in logs.values()), logs
-    assert 0.0 <= logs["accuracy"] <= 1.0
-    moved = [not np.array_equal(b, a) for b, a in zip(before, after)]
-    if learner_name == "anil":
-        assert moved[-1], "ANIL's head did not move"
-    assert any(moved), "meta-training changed no weight"
+    testing.check_meta_training(learner, shape, k_shot, head_moves=learner_name == "anil")
 
 
 # The configuration that crashed with `AlreadyExistsError` (Grappler's memory

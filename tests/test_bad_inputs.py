@@ -14,9 +14,9 @@ import pytest
 import tensorflow as tf
 
 import keras_meta as km
-from tests.helpers import classification_episode, regression_episode, small_convnet, tanh_mlp
+from tests.helpers import classification_episode, regression_episode, small_convnet, sparse_ce, tanh_mlp
 
-SPARSE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+SPARSE = sparse_ce()
 
 
 def dense_classifier(n_way=3, features=4):

@@ -1,6 +1,5 @@
 """BatchNorm conventions: transductive by default, support statistics on request."""
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -12,7 +11,7 @@ from tests import helpers
 def _learner(transductive, steps=3):
     learner = km.MAML(helpers.small_convnet(seed=3), inner_learning_rate=0.5, inner_steps=1,
                       eval_inner_steps=steps, transductive_batch_norm=transductive)
-    learner.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    learner.compile(optimizer="adam", loss=helpers.sparse_ce())
     return learner
 
 

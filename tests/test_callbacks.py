@@ -15,8 +15,7 @@ from tests import helpers
 from tests.test_conformance import ALGORITHMS, LEARNERS
 
 
-def _sce():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+_sce = helpers.sparse_ce
 
 
 def _episodes(seed, meta_batch=2):

@@ -322,7 +322,7 @@ def test_meta_gradient_with_batch_norm_matches_finite_differences(float64, trans
         helpers.small_convnet(), inner_learning_rate=0.1, inner_steps=300, l2_regularization=lam,
         cg_iterations=150, cg_tolerance=1e-14, transductive_batch_norm=transductive,
         task_execution="sequential",  # traces 7x faster than vectorized here
-    ), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ), loss=helpers.sparse_ce())
     check_against_exact_inner_solution(imaml, episode, lam)
 
 
@@ -378,7 +378,7 @@ def test_evaluation_adapts_with_the_proximal_term_by_default(float64):
 def test_eval_l2_regularization_zero_is_plain_gradient_descent(float64):
     """The official evaluation (lam = 0) equals MAML's plain adaptation."""
     episode = helpers.classification_episode(meta_batch=2, n_way=3, k=2, q=3, seed=9)
-    sce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    sce = helpers.sparse_ce()
     imaml = km.IMAML(helpers.small_convnet(seed=3), inner_learning_rate=0.3, inner_steps=2,
                      eval_inner_steps=5, eval_l2_regularization=0.0, proximal_pull_back=True,
                      task_execution="sequential")

@@ -9,8 +9,7 @@ import keras_meta as km
 from tests import helpers
 
 
-def _sce():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+_sce = helpers.sparse_ce
 
 
 def test_inner_loop_never_assigns_variables():

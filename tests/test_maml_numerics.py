@@ -59,7 +59,6 @@ def test_one_step_maml_least_squares_closed_form(float64, task_execution):
 
 
 def finite_difference_check(maml, episode, directions=3, eps=1e-5, seed=0):
-    rng = np.random.default_rng(seed)
     params = [tf.convert_to_tensor(v) for v in maml.model.trainable_variables]
     with tf.GradientTape() as tape:
         tape.watch(params)
@@ -69,14 +68,8 @@ def finite_difference_check(maml, episode, directions=3, eps=1e-5, seed=0):
     applied = helpers.meta_gradient_by_update(maml, episode)
     for a, b in zip(applied, autodiff):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
-    for _ in range(directions):
-        direction = [rng.normal(size=p.shape) for p in params]
-        plus = helpers.meta_loss(maml, [p + eps * d for p, d in zip(params, direction)], episode)
-        minus = helpers.meta_loss(maml, [p - eps * d for p, d in zip(params, direction)], episode)
-        numeric = (float(plus) - float(minus)) / (2 * eps)
-        analytic = sum(float(tf.reduce_sum(g * d)) for g, d in zip(autodiff, direction))
-        rel = abs(numeric - analytic) / max(abs(numeric), 1e-12)
-        assert rel <= 1e-5, (numeric, analytic, rel)
+    helpers.assert_matches_finite_differences(
+        lambda p: helpers.meta_loss(maml, p, episode), params, autodiff, directions, eps, seed)
 
 
 def test_three_step_second_order_maml_matches_finite_differences(float64):
@@ -92,7 +85,7 @@ def test_three_step_maml_with_batch_norm_matches_finite_differences(float64, tra
     maml = km.MAML(helpers.small_convnet(), inner_learning_rate=0.2, inner_steps=3,
                    transductive_batch_norm=transductive)
     maml.compile(optimizer=keras.optimizers.SGD(1.0),
-                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                 loss=helpers.sparse_ce())
     finite_difference_check(maml, episode)
 
 
@@ -143,3 +136,20 @@ def test_inverse_steps_scaling_divides_the_step_size(float64):
     for a, b in zip(helpers.meta_gradient_by_update(scaled, episode),
                     helpers.meta_gradient_by_update(plain, episode)):
         np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_second_order_through_a_momentum_inner_loop_matches_finite_differences(float64):
+    """MAML differentiates through any inner optimiser: heavy-ball momentum here."""
+    episode = helpers.regression_episode(meta_batch=2, k=6, q=5, features=2, seed=3)
+
+    def maml(inner_optimizer):
+        learner = km.MAML(helpers.tanh_mlp(seed=2), inner_learning_rate=0.1, inner_steps=3,
+                          inner_optimizer=inner_optimizer)
+        learner.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+        return learner
+
+    momentum = {"name": "momentum", "momentum": 0.7}
+    finite_difference_check(maml(momentum), episode)
+    # (and momentum is not plain gradient descent)
+    grads = [helpers.meta_gradient_by_update(maml(o), episode) for o in (momentum, "sgd")]
+    assert max(np.max(np.abs(a - b)) for a, b in zip(*grads)) > 1e-4

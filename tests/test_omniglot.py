@@ -1,10 +1,7 @@
 """Omniglot: real images from the shared zips (242 characters) and mocked TFDS."""
 
 import importlib
-import os
-import pathlib
 import random
-import zipfile
 
 import keras
 import numpy as np
@@ -12,29 +9,14 @@ import pytest
 import tensorflow as tf
 
 import keras_meta as km
+from keras_meta import testing
 
 omniglot_module = importlib.import_module("keras_meta.data.omniglot")
-
-OMNIGLOT_ZIPS = pathlib.Path(
-    os.environ.get(
-        "KERAS_META_OMNIGLOT_ZIPS",
-        pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot",
-    )
-)
-
 
 @pytest.fixture(scope="session")
 def omniglot_dir(tmp_path_factory):
     """Both shared zips unzipped once into one folder (Greek and Latin twice)."""
-    zips = sorted(OMNIGLOT_ZIPS.glob("images_background_small*.zip"))
-    if not zips:
-        pytest.skip(f"Omniglot zips not found in {OMNIGLOT_ZIPS}")
-    root = tmp_path_factory.getbasetemp() / "omniglot_both"
-    if not root.exists():
-        for path in zips:
-            with zipfile.ZipFile(path) as archive:
-                archive.extractall(root)
-    return root
+    return testing.omniglot_folder(tmp_path_factory.getbasetemp() / "omniglot_both")
 
 
 def test_maml_split_scaled_to_the_242_local_characters(omniglot_dir):

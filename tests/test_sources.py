@@ -1,35 +1,18 @@
 """Sources: arrays, image folders (synthetic and real Omniglot), TFDS (mocked)."""
 
-import os
-import pathlib
-import zipfile
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras_meta as km
-
-OMNIGLOT_ZIPS = pathlib.Path(
-    os.environ.get(
-        "KERAS_META_OMNIGLOT_ZIPS",
-        pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot",
-    )
-)
+from keras_meta import testing
 
 
 @pytest.fixture(scope="session")
 def omniglot_dir(tmp_path_factory):
     """The shared Omniglot zips, unzipped once per session."""
-    zips = sorted(OMNIGLOT_ZIPS.glob("images_background_small*.zip"))
-    if not zips:
-        pytest.skip(f"Omniglot zips not found in {OMNIGLOT_ZIPS}")
-    root = tmp_path_factory.getbasetemp() / "omniglot_sources"
-    if not root.exists():
-        for path in zips:
-            with zipfile.ZipFile(path) as archive:
-                archive.extractall(root)
-    return root
+    return testing.omniglot_folder(tmp_path_factory.getbasetemp() / "omniglot_sources")
 
 
 def _write_png(path, array):

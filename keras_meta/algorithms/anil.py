@@ -1,21 +1,12 @@
 """ANIL: MAML whose inner loop adapts only the head, over features computed once."""
 
-import collections
-
 import keras
 import numpy as np
-import tensorflow as tf
 
-from keras_meta import inner_loop
+from keras_meta import _internals, inner_loop
+from keras_meta.adaptation import BodyHead
 from keras_meta.algorithms.base import MetaLearner
 from keras_meta.validation import check_bool, check_non_negative_float
-
-
-# What the body computes for one task, once: the features of the support and
-# query sets and the body layers' losses of each pass (e.g. kernel_regularizer).
-TaskFeatures = collections.namedtuple(
-    "TaskFeatures", ["support", "support_losses", "query", "query_losses"]
-)
 
 
 @keras.saving.register_keras_serializable(package="keras_meta")
@@ -92,6 +83,7 @@ class ANIL(MetaLearner):
             `"auto"` (default): task by task for convolutional bodies (measured
             faster on CPU and lighter in memory, see docs/anil.md),
             vectorized otherwise.
+        inner_optimizer: the head's inner optimiser, as in `km.MAML`.
 
     Example:
 
@@ -113,6 +105,11 @@ class ANIL(MetaLearner):
     """
 
     _check_outputs = False  # `_split` says what ANIL needs
+    # Vectorized, the body's weights are shared by every task: its gradient
+    # is one backward pass over the meta-batch. Per-task gradients inside
+    # `tf.vectorized_map` would make TensorFlow loop over the tasks for
+    # every convolution's filter gradient (no batched Conv2DBackpropFilter).
+    batched_tape_when_vectorized = True
 
     def __init__(
         self,
@@ -126,6 +123,7 @@ class ANIL(MetaLearner):
         inner_learning_rate_scaling=None,
         transductive_batch_norm=True,
         task_execution="auto",
+        inner_optimizer="sgd",
         **kwargs,
     ):
         if isinstance(model, (tuple, list)):
@@ -135,26 +133,15 @@ class ANIL(MetaLearner):
                     f"the pair designates the head. Received: head={head!r}"
                 )
             model, head = _compose(model), 1
-        super().__init__(
-            model,
-            inner_learning_rate=inner_learning_rate,
-            inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps,
-            inner_learning_rate_scaling=inner_learning_rate_scaling,
-            transductive_batch_norm=transductive_batch_norm,
-            task_execution=task_execution,
-            **kwargs,
-        )
+        super().__init__(**self.base_arguments(locals()))
         self.first_order = check_bool("first_order", first_order)
         self.head_l2_regularization = check_non_negative_float(
             "head_l2_regularization", head_l2_regularization
         )
         head_layers, self.head = _resolve_head(self.model, 1 if head is None else head)
-        body_model, head_model = _split(self.model, head_layers, self.head)
         # Plain attributes (not tracked by Keras): the parts share the wrapped
         # model's variables, which `self.model` already saves.
-        self.__dict__["_parts"] = (body_model, head_model)
-        self._head_has_batch_norm = bool(inner_loop.batch_norm_layers(head_model))
+        self.__dict__["_parts"] = _split(self.model, head_layers, self.head)
 
     @property
     def body_model(self):
@@ -166,306 +153,24 @@ class ANIL(MetaLearner):
         """The head: a functional model from the features to the output."""
         return self._parts[1]
 
-    # ------------------------------------------------------------------
-    # Splitting weights into body and head.
-
-    def _partition(self, params, non_trainable):
-        """(body params, head params, body non-trainable, head non-trainable)."""
+    def build_network(self):
+        # The head adapts; the body runs once per task, in the start state.
         body, head = self._parts
-        model = self.model
-        return (
-            [params[i] for i in _positions(model, body, True)],
-            [params[i] for i in _positions(model, head, True)],
-            [non_trainable[i] for i in _positions(model, body, False)],
-            [non_trainable[i] for i in _positions(model, head, False)],
+        positions = tuple(
+            _positions(self.model, part, trainable)
+            for trainable in (True, False) for part in (body, head)
         )
+        return BodyHead(body, head, self.batch_norm, positions)
 
-    def _merge(self, body_params, head_params):
-        """The full list of trainable values, in the wrapped model's order."""
-        merged = [None] * len(self.model.trainable_variables)
-        body, head = self._parts
-        for part, values in ((body, body_params), (head, head_params)):
-            for position, value in zip(_positions(self.model, part, True), values):
-                merged[position] = value
-        return merged
-
-    def _auto_task_execution(self):
-        # Task by task for convolutional bodies, as for MAML. Vectorized, the
-        # body runs as one batched computation with one batched backward
-        # pass; task by task measured faster on CPU with every thread setting
-        # tried and holds one task's activations at a time: conv4 ANIL
-        # (PEERS.md B4, AMD EPYC, 2 cores, default thread pools) 1.23-1.26
-        # meta-steps/s against 0.74-0.76 vectorized, peak RSS 968-977 MB
-        # against 1607-1636 (docs/benchmarks.md); on an Intel Xeon task by
-        # task was ahead in most runs by up to 25% with the default pools
-        # and 2.43 vs 1.58 under `km.configure_cpu_threads()`.
-        if self._has_convolutions():
-            return "sequential"
-        return "vectorized"
-
-    def _support_statistics(self):
-        """Whether the query set is normalised with support moments."""
-        return self._has_batch_norm and not self.transductive_batch_norm
-
-    # ------------------------------------------------------------------
-    # The body, once per task; the head, per inner step.
-
-    def task_features(
-        self, body_params, body_non_trainable, support_x, query_x, support_training,
-        query_training,
-    ):
-        """Support and query features: the body's only two calls per task.
-
-        Returns:
-            A `TaskFeatures(support, support_losses, query, query_losses)`.
-        """
-        body = self.body_model
-        if self._support_statistics():
-            # One support pass gives the features and the support moments
-            # that normalise the query set.
-            support, moments, support_losses = inner_loop.forward_with_batch_moments(
-                body, body_params, body_non_trainable, support_x
-            )
-            query, _, query_losses = inner_loop.forward(
-                body, body_params, moments, query_x, False
-            )
-        else:
-            support, _, support_losses = inner_loop.forward(
-                body, body_params, body_non_trainable, support_x, support_training
-            )
-            query, _, query_losses = inner_loop.forward(
-                body, body_params, body_non_trainable, query_x, query_training
-            )
-        return TaskFeatures(support, list(support_losses), query, list(query_losses))
-
-    def head_penalty(self, head_params):
-        """`head_l2_regularization / 2 * ||w_head||^2`."""
+    def inner_transforms(self, training):
+        # The gradient of `head_l2_regularization / 2 * ||w_head||^2`.
         if not self.head_l2_regularization:
-            return 0.0
-        squares = tf.add_n([tf.reduce_sum(tf.square(w)) for w in head_params])
-        return tf.constant(self.head_l2_regularization / 2, squares.dtype) * squares
-
-    def head_support_loss(
-        self, head_params, head_non_trainable, features, y, body_losses, training
-    ):
-        """The inner objective: loss of the head on the support features."""
-        y_pred, _, losses = inner_loop.forward(
-            self.head_model, head_params, head_non_trainable, features, training
-        )
-        loss = self.compute_task_loss(y, y_pred, body_losses + list(losses))
-        return loss + self.head_penalty(head_params)
-
-    def adapt_head(
-        self, head_params, head_non_trainable, features, y, body_losses, steps,
-        training, create_graph,
-    ):
-        """Fast head weights after `steps` inner steps on the support features."""
-        return inner_loop.gradient_descent(
-            lambda p: self.head_support_loss(
-                p, head_non_trainable, features, y, body_losses, training
-            ),
-            head_params,
-            steps=steps,
-            learning_rate=self.step_size,
-            create_graph=create_graph,
-            unroll=self._unroll_inner_loop,
-        )
-
-    def head_query_outputs(
-        self, head_params, head_non_trainable, support_features, query_features,
-        training,
-    ):
-        """(predictions, head losses) on the query features."""
-        head = self.head_model
-        if self._support_statistics():
-            statistics = head_non_trainable
-            if self._head_has_batch_norm:
-                statistics = inner_loop.batch_moments(
-                    head, head_params, head_non_trainable, support_features
-                )
-            y_pred, _, losses = inner_loop.forward(
-                head, head_params, statistics, query_features, False
-            )
-        else:
-            y_pred, _, losses = inner_loop.forward(
-                head, head_params, head_non_trainable, query_features, training
-            )
-        return y_pred, list(losses)
-
-    def _head_query_loss(self, head_params, head_non_trainable, features, y, training):
-        y_pred, losses = self.head_query_outputs(
-            head_params, head_non_trainable, features.support, features.query, training
-        )
-        return self.compute_task_loss(y, y_pred, features.query_losses + losses), y_pred
-
-    def _task_setup(self, params, non_trainable, task, support_training, query_training):
-        body_params, head_params, body_nt, head_nt = self._partition(params, non_trainable)
-        features = self.task_features(
-            body_params, body_nt, task["support_x"], task["query_x"],
-            support_training, query_training,
-        )
-        return body_params, head_params, head_nt, features
-
-    # ------------------------------------------------------------------
-    # MetaLearner hooks.
-
-    def task_loss(self, params, non_trainable, task):
-        """(query loss after adaptation, query predictions) of one task.
-
-        Differentiable in `params`: second order, the adapted head stays a
-        function of the head weights and (through the support features) of
-        the body; first order, the inner gradients are constants.
-        """
-        _, head_params, head_nt, features = self._task_setup(
-            params, non_trainable, task, True, True
-        )
-        # Adapt on support (the head, on the support features).
-        fast = self.adapt_head(
-            head_params, head_nt, features.support, task["support_y"], features.support_losses,
-            self.inner_steps, True, create_graph=not self.first_order,
-        )
-        # Outer loss on query.
-        return self._head_query_loss(fast, head_nt, features, task["query_y"], True)
-
-    def task_train(self, params, non_trainable, task):
-        # Used by `task_execution="sequential"`: one task's meta-gradient.
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(params)
-            loss, y_pred = self.task_loss(params, non_trainable, task)
-        gradients = tape.gradient(
-            loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        return {"gradients": gradients, "loss": loss, "predictions": y_pred}
-
-    def train_step(self, data):
-        if self.resolved_task_execution != "vectorized":
-            return super().train_step(data)  # per-task gradients, low memory
-        # Vectorized: the body's weights are shared by every task, so its
-        # gradient is one backward pass over the whole meta-batch. Taking
-        # per-task gradients inside `tf.vectorized_map` (the base class's
-        # way) would make TensorFlow loop over the tasks for every
-        # convolution's filter gradient (no batched Conv2DBackpropFilter).
-        episode = self._check_episode(data)
-        params, non_trainable = self._meta_state()
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(params)
-            # Adapt on support, outer loss on query: all tasks at once.
-            results = self.map_tasks(
-                lambda task: dict(
-                    zip(("loss", "predictions"), self.task_loss(params, non_trainable, task))
-                ),
-                episode,
-                ("loss", "predictions"),
-            )
-            loss = tf.reduce_mean(results["loss"])
-        # Meta-gradient of the mean query loss (Keras' TF optimizer sums the
-        # replicas' gradients, as in `MetaLearner.train_step`).
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        gradients = tape.gradient(
-            loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        with tf.control_dependencies(self._check_even_split(episode)):
-            gradients = [g / replicas for g in gradients]
-        # Update, unless a task's loss (or the batched gradient) is not finite.
-        finite = tf.math.is_finite(results["loss"]) & tf.reduce_all(
-            [tf.reduce_all(tf.math.is_finite(g)) for g in gradients]
-        )
-        non_finite = tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.float32))
-        self.apply_meta_gradients(gradients, non_finite_tasks=non_finite)
-        return self._update_metrics(episode, results, training=True)
-
-    def task_evaluate(self, params, non_trainable, task, steps):
-        support_training, query_training = self._training_flags(False)
-        _, head_params, head_nt, features = self._task_setup(
-            params, non_trainable, task, support_training, query_training
-        )
-        pre_loss, _ = self._head_query_loss(
-            head_params, head_nt, features, task["query_y"], query_training
-        )
-        fast = self.adapt_head(
-            head_params, head_nt, features.support, task["support_y"], features.support_losses,
-            steps, support_training, create_graph=False,
-        )
-        loss, y_pred = self._head_query_loss(
-            fast, head_nt, features, task["query_y"], query_training
-        )
-        return {"loss": loss, "pre_adaptation_loss": pre_loss, "predictions": y_pred}
-
-    def task_predict(self, params, non_trainable, task, steps):
-        support_training, query_training = self._training_flags(False)
-        _, head_params, head_nt, features = self._task_setup(
-            params, non_trainable, task, support_training, query_training
-        )
-        fast = self.adapt_head(
-            head_params, head_nt, features.support, task["support_y"], features.support_losses,
-            steps, support_training, create_graph=False,
-        )
-        y_pred, _ = self.head_query_outputs(
-            fast, head_nt, features.support, features.query, query_training
-        )
-        return {"predictions": y_pred}
-
-    def _evaluate_tasks(self, episode, steps):
-        # The base version re-runs the whole network at every recorded step;
-        # here the body runs once per task and only the head is re-adapted.
-        params, non_trainable = self._meta_state()
-        support_training, query_training = self._training_flags(False)
-
-        def task_fn(task):
-            _, fast, head_nt, features = self._task_setup(
-                params, non_trainable, task, support_training, query_training
-            )
-            losses, predictions = [], []
-            for previous, current in zip((0,) + steps[:-1], steps):
-                fast = self.adapt_head(
-                    fast, head_nt, features.support, task["support_y"], features.support_losses,
-                    current - previous, support_training, create_graph=False,
-                )
-                loss, y_pred = self._head_query_loss(
-                    fast, head_nt, features, task["query_y"], query_training
-                )
-                losses.append(loss)
-                predictions.append(y_pred)
-            return {"loss": tf.stack(losses), "predictions": tf.stack(predictions)}
-
-        return self.map_tasks(task_fn, episode, ("loss", "predictions"))
-
-    def support_loss(self, params, non_trainable, x, y, training):
-        """Inner objective at full weights `params`: loss plus head penalty."""
-        loss = super().support_loss(params, non_trainable, x, y, training)
-        _, head_params, _, _ = self._partition(params, non_trainable)
-        return loss + self.head_penalty(head_params)
-
-    def adapt_parameters(self, params, non_trainable, x, y, steps, training, create_graph):
-        """Full weights after `steps` inner steps; only the head moves.
-
-        The body runs once on `x`; `adapt()` and the base class's per-task
-        tools use this. Returns the list aligned with `params`.
-        """
-        body_params, head_params, body_nt, head_nt = self._partition(params, non_trainable)
-        features, _, losses = inner_loop.forward(
-            self.body_model, body_params, body_nt, x, training
-        )
-        fast = self.adapt_head(
-            head_params, head_nt, features, y, list(losses), steps, training,
-            create_graph,
-        )
-        return self._merge(body_params, fast)
-
-    # query_loss / query_outputs at full weights: the base class's versions
-    # (one call of the whole network) are exact for ANIL too.
-
-    def get_config(self):
-        config = super().get_config()
-        config["head"] = self.head
-        config["first_order"] = self.first_order
-        config["head_l2_regularization"] = self.head_l2_regularization
-        return config
+            return []
+        return [inner_loop.add_decayed_weights(self.head_l2_regularization)]
 
 
 # ----------------------------------------------------------------------
 # Head designation and the body/head split.
-
 
 
 def _compose(pair):
@@ -577,7 +282,7 @@ def _split(model, head_layers, head):
     names = [layer.name for layer in head_layers]
     head_ids = {id(layer) for layer in head_layers}
     described = f"head={head!r}" + (f" (layers {names})" if isinstance(head, int) else "")
-    last = outputs[0]._keras_history.operation
+    last = _internals.keras_history(outputs[0]).operation
     if id(last) not in head_ids:
         raise ValueError(
             f"The head must end at the model's output, which layer "
@@ -589,10 +294,10 @@ def _split(model, head_layers, head):
     fed_by, reached, stack = {}, set(), [outputs[0]]
     while stack:
         tensor = stack.pop()
-        operation, node_index, _ = tensor._keras_history
+        operation, node_index, _ = _internals.keras_history(tensor)
         if id(operation) in head_ids:
             reached.add(id(operation))
-            stack.extend(operation._inbound_nodes[node_index].input_tensors)
+            stack.extend(_internals.inbound_tensors(operation, node_index))
         else:
             fed_by[id(tensor)] = tensor
     unreached = [layer.name for layer in head_layers if id(layer) not in reached]
@@ -603,7 +308,7 @@ def _split(model, head_layers, head):
             f"layers ending at the output of model {model.name!r}."
         )
     if len(fed_by) != 1:
-        sources = sorted({t._keras_history.operation.name for t in fed_by.values()})
+        sources = sorted({_internals.keras_history(t).operation.name for t in fed_by.values()})
         raise ValueError(
             f"The head must be fed by a single tensor (a tail of layers), but "
             f"{described} takes {len(fed_by)} tensors from the rest "

@@ -4,43 +4,84 @@ A meta-learner wraps a built Keras model whose trainable weights are the
 meta-parameters. `model.fit` feeds it episodes (dicts with `support_x`,
 `support_y`, `query_x`, `query_y`, each with a leading meta-batch axis); per
 task it adapts fast weights on the support set and scores the query set.
-Subclasses say how one task produces its meta-gradient (`task_train`); this
-class does the rest: episode checks, running the tasks of a meta-batch, the
-outer update, metrics, evaluation, prediction, `adapt()` and serialization.
+
+Every path adapts a task through one primitive, a
+`keras_meta.adaptation.Adaptation` (start, advance k steps, score the query
+set, full weights for export) that this class builds from what an algorithm
+states. An algorithm is these hooks, each with a default (MAML's):
+
+- `build_network()`: which weights adapt and what the start state computes
+  once (default: every weight, the whole network at the fast weights);
+- `inner_transforms(training)`: terms of the inner objective as gradient
+  transforms chained before the inner optimiser (default: none);
+- `finalize(training)`: a map of the fast weights before they are scored
+  (default: none);
+- `task_train(params, non_trainable, task)`: one task's meta-gradient
+  (default: differentiate the query loss through the adaptation, second order,
+  or first order with `first_order = True`);
+
+and class attributes: `extra_train_outputs`, `batched_tape_when_vectorized`,
+`unroll_inner_loop_when_vectorized`.
 """
 
+import collections
 import copy
+import inspect
 
 import keras
-import keras.src.trainers.trainer
 import numpy as np
 import tensorflow as tf
 
 from keras_meta import _internals, inner_loop
-from keras_meta.data.episodes import EPISODE_KEYS
-from keras_meta.validation import (
-    check_bool,
-    check_choice,
-    check_positive_float,
-    check_positive_int,
+from keras_meta.adaptation import Adaptation, WholeNetwork
+from keras_meta.algorithms.checks import (
+    PREDICT_KEYS,
+    EpisodeChecks,
+    _as_episode_dict,
+    _count_false,
+    _is_sparse_loss,
+    _safe_labels,
 )
+from keras_meta.batch_norm import BatchNorm, forward
+from keras_meta.data.episodes import EPISODE_KEYS
+from keras_meta.step_size import StepSize
+from keras_meta.validation import check_bool, check_choice, check_positive_float, check_positive_int
 
-PREDICT_KEYS = ("support_x", "support_y", "query_x")
 TASK_EXECUTIONS = ("auto", "vectorized", "sequential")
-INNER_LEARNING_RATE_SCALINGS = (None, "inverse_steps")
 # Whether `compile(jit_compile="auto")` turns XLA on for networks without
-# convolutions on CPU-only machines (see `_resolve_auto_jit_compile`). The
-# test suite turns it off outside the tests of this rule, to save compile time.
+# convolutions on CPU-only machines (see `_auto_jit_compile`). The test suite
+# turns it off outside the tests of this rule, to save compile time.
 AUTO_XLA_ON_CPU = True
 
+Execution = collections.namedtuple(
+    "Execution", ["tasks", "unroll_inner_loop", "early_exit", "batched_tape"]
+)
+Execution.__doc__ = """What `task_execution` decides, in one place.
 
-class MetaLearner(keras.Model):
+`tasks`: `"vectorized"` (`tf.vectorized_map`) or `"sequential"` (`tf.map_fn`).
+`unroll_inner_loop`: inner steps unrolled (vectorized: `tf.vectorized_map` over a
+`tf.while_loop` traced 1.6x longer, conv4 MAML, 5 steps) or one `tf.while_loop`
+(task by task: tracing time and graph size flat in the number of steps).
+`early_exit`: loops may stop early (CG), which only a task-by-task loop can.
+`batched_tape`: one tape around the vectorized tasks (one backward pass over
+the meta-batch for weights every task shares, ANIL's body) instead of per-task
+gradients.
+"""
+
+# The `MetaLearner.__init__` arguments that subclasses forward.
+_BASE_ARGUMENTS = (
+    "model", "inner_learning_rate", "inner_steps", "eval_inner_steps",
+    "inner_learning_rate_scaling", "transductive_batch_norm", "task_execution",
+    "inner_optimizer",
+)
+
+
+class MetaLearner(EpisodeChecks, keras.Model):
     """Base class of keras_meta's meta-learners (a `keras.Model`).
 
-    Not used directly: see `keras_meta.MAML`. A subclass implements
-    `task_train(params, non_trainable, task)`, returning the meta-gradient of
-    one task; everything else (`train_step`, `test_step`, `predict_step`,
-    `adapt`, `get_config`) is shared.
+    Not used directly: see `keras_meta.MAML`. A subclass states its math in
+    the hooks listed in this module's docstring; `train_step`, `test_step`,
+    `predict_step`, `adapt`, `evaluate_tasks` and `get_config` are shared.
 
     Args:
         model: a built `keras.Model` (Sequential, functional or subclassed).
@@ -49,11 +90,9 @@ class MetaLearner(keras.Model):
         inner_steps: positive int, inner gradient steps during meta-training.
         eval_inner_steps: positive int or `None` (= `inner_steps`), inner steps
             in `evaluate`, `predict` and `adapt`.
-        inner_learning_rate_scaling: `None` or `"inverse_steps"`. With
-            `"inverse_steps"` the inner step size is
-            `inner_learning_rate / inner_steps`, the choice under which Ji,
-            Yang and Liang (2020) prove N-step MAML converges. The same step
-            size is used for any number of evaluation steps.
+        inner_learning_rate_scaling: `None` or `"inverse_steps"`
+            (`keras_meta.step_size.StepSize`): with `"inverse_steps"` the inner
+            step size is `inner_learning_rate / inner_steps`.
         transductive_batch_norm: `True` (default) normalises every batch with
             its own statistics, support and query alike, in both loops, as
             the reference MAML does. `False` normalises the query set with the
@@ -66,12 +105,26 @@ class MetaLearner(keras.Model):
             `"auto"` (default): sequential for networks with convolutions,
             whose per-task filter gradients TensorFlow cannot batch, and
             vectorized otherwise (see docs/performance.md for the figures).
+        inner_optimizer: `"sgd"` (default), `"momentum"`, `"adam"`, or a dict
+            `{"name": ..., **kwargs}` (e.g. `{"name": "momentum",
+            "momentum": 0.5}`); see `keras_meta.inner_loop.get_inner_optimizer`.
+            Differentiable: second-order MAML differentiates through it.
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
     # Whether the constructor refuses multi-output models (ANIL refuses them
     # with its own message, along with multi-input ones).
     _check_outputs = True
+    # First order: the adapted weights are the start weights plus a constant
+    # shift (the inner gradients are constants); else second order.
+    first_order = False
+    # Names of extra per-task scalars `task_train` returns; they are averaged
+    # over the meta-batch and logged (e.g. iMAML's CG diagnostics).
+    extra_train_outputs = ()
+    # Vectorized, one tape around all tasks instead of per-task gradients.
+    batched_tape_when_vectorized = False
+    # Vectorized, inner steps unrolled instead of one `tf.while_loop`.
+    unroll_inner_loop_when_vectorized = True
 
     def __init__(
         self,
@@ -82,36 +135,11 @@ class MetaLearner(keras.Model):
         inner_learning_rate_scaling=None,
         transductive_batch_norm=True,
         task_execution="auto",
+        inner_optimizer="sgd",
         **kwargs,
     ):
         super().__init__(**kwargs)
-        name = type(self).__name__
-        if not isinstance(model, keras.Model):
-            raise TypeError(
-                f"{name} wraps a `keras.Model` (Sequential, functional or "
-                f"subclassed). Received: model={model!r} of type "
-                f"{type(model).__name__}"
-            )
-        if not model.built:
-            raise ValueError(
-                f"{name} needs a built model: its weights are the "
-                f"meta-parameters. Build `{model.name}` first, e.g. with "
-                "`model.build(input_shape)` or by calling it on a batch. "
-                f"Received: an unbuilt model {model.name!r}"
-            )
-        if not model.trainable_variables:
-            raise ValueError(
-                f"{name} needs a model with trainable weights (the "
-                f"meta-parameters). Received: model {model.name!r} with "
-                "no trainable weights"
-            )
-        outputs = getattr(model, "outputs", None)
-        if isinstance(outputs, (list, tuple)) and len(outputs) > 1 and self._check_outputs:
-            raise ValueError(
-                f"{name} meta-learns single-output models (one loss on one "
-                f"output). Received: model {model.name!r} with {len(outputs)} "
-                f"outputs of shapes {[tuple(o.shape) for o in outputs]}"
-            )
+        _check_model(type(self).__name__, model, self._check_outputs)
         self.model = model
         self.inner_learning_rate = check_positive_float(
             "inner_learning_rate", inner_learning_rate
@@ -120,10 +148,9 @@ class MetaLearner(keras.Model):
         self.eval_inner_steps = check_positive_int(
             "eval_inner_steps", eval_inner_steps, allow_none=True
         )
-        self.inner_learning_rate_scaling = check_choice(
-            "inner_learning_rate_scaling",
-            inner_learning_rate_scaling,
-            INNER_LEARNING_RATE_SCALINGS,
+        self.inner_learning_rate_scaling = inner_learning_rate_scaling
+        self.step_size_rule = StepSize(
+            self.inner_learning_rate, inner_learning_rate_scaling, self.inner_steps
         )
         self.transductive_batch_norm = check_bool(
             "transductive_batch_norm", transductive_batch_norm
@@ -131,7 +158,8 @@ class MetaLearner(keras.Model):
         self.task_execution = check_choice(
             "task_execution", task_execution, TASK_EXECUTIONS
         )
-        self._has_batch_norm = bool(inner_loop.batch_norm_layers(model))
+        self.inner_optimizer = _check_inner_optimizer(inner_optimizer)
+        self.batch_norm = BatchNorm(model, self.transductive_batch_norm)
         self.pre_adaptation_loss_tracker = keras.metrics.Mean(
             name="pre_adaptation_loss"
         )
@@ -144,66 +172,203 @@ class MetaLearner(keras.Model):
         }
         self.built = True
 
+    @staticmethod
+    def base_arguments(arguments):
+        """The `MetaLearner.__init__` arguments among a subclass's `locals()`."""
+        forwarded = {name: arguments[name] for name in _BASE_ARGUMENTS if name in arguments}
+        return {**forwarded, **arguments.get("kwargs", {})}
+
+    # ------------------------------------------------------------------
+    # What an algorithm states (see the module docstring).
+
+    def build_network(self):
+        """Which weights adapt, and how the network runs at the fast weights."""
+        return WholeNetwork(self.model, self.batch_norm)
+
+    def inner_transforms(self, training):
+        """Gradient transforms of the inner objective (`keras_meta.inner_loop`).
+
+        `training`: meta-training (`True`) or test-time adaptation (`False`).
+        """
+        return []
+
+    def finalize(self, training):
+        """`finalize(fast, start) -> fast` applied before scoring, or None."""
+        return None
+
+    def task_train(self, params, non_trainable, task):
+        """Meta-gradient of one task.
+
+        Args:
+            params: list of tensors, the meta-parameters (the wrapped model's
+                trainable weights, in order).
+            non_trainable: list of tensors, its non-trainable weights.
+            task: dict with one task's `support_x`, `support_y`, `query_x`,
+                `query_y` (no meta-batch axis).
+
+        Returns:
+            A dict with `"gradients"` (list aligned with `params`), `"loss"`
+            (the query loss after adaptation) and `"predictions"` (query
+            predictions after adaptation); optional extra scalar entries
+            (`extra_train_outputs`) are averaged over the meta-batch and logged.
+        """
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(params)
+            loss, y_pred = self.task_loss(params, non_trainable, task)
+        gradients = tape.gradient(
+            loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        return {"gradients": gradients, "loss": loss, "predictions": y_pred}
+
+    # ------------------------------------------------------------------
+    # The adaptation primitive, built from the hooks.
+
+    @property
+    def network(self):
+        """The `build_network()` of this learner (built once)."""
+        if "_network" not in self.__dict__:
+            self.__dict__["_network"] = self.build_network()
+        return self.__dict__["_network"]
+
+    def adaptation(self, training, support_training=None):
+        """The `keras_meta.adaptation.Adaptation` of meta-training or test time.
+
+        Args:
+            training: `True` for meta-training's inner loop, `False` for
+                test-time adaptation (evaluate, predict, adapt, export).
+            support_training: overrides the `training` flag of the network's
+                support calls (default: BatchNorm's convention).
+        """
+        support, query = self.batch_norm.training_flags(training)
+        return Adaptation(
+            self.network,
+            self.compute_task_loss,
+            inner_loop.chain(*self.inner_transforms(training), self.base_inner_optimizer()),
+            support if support_training is None else support_training,
+            query,
+            unroll=self.execution.unroll_inner_loop,
+            finalize=self.finalize(training),
+        )
+
+    def base_inner_optimizer(self):
+        """The inner optimiser (`inner_optimizer` at the step size), no transforms."""
+        return inner_loop.get_inner_optimizer(
+            self.inner_optimizer, self.step_size_rule.learning_rate
+        )
+
+    def task_loss(self, params, non_trainable, task):
+        """`(query loss, predictions)` after meta-training adaptation.
+
+        Differentiable in `params`: second order through every inner step,
+        or first order (`first_order = True`) through a constant shift.
+        """
+        adaptation = self.adaptation(training=True)
+        state = adaptation.start(params, non_trainable, task)
+        if self.first_order:
+            state = adaptation.advance_first_order(state, self.inner_steps)
+        else:
+            state = adaptation.advance(state, self.inner_steps, create_graph=True)
+        return adaptation.score(state)
+
+    def adaptation_path(self, params, non_trainable, task, checkpoints):
+        """`[(query loss, predictions)]` after each number of test-time steps."""
+        adaptation = self.adaptation(training=False)
+        state, done, scores = adaptation.start(params, non_trainable, task), 0, []
+        for steps in checkpoints:
+            state, done = adaptation.advance(state, steps - done), steps
+            scores.append(adaptation.score(state))
+        return scores
+
+    def task_evaluate(self, params, non_trainable, task, steps):
+        """Query losses (before, after) and predictions of one task."""
+        (pre_loss, _), (loss, y_pred) = self.adaptation_path(
+            params, non_trainable, task, (0, steps)
+        )
+        return {"loss": loss, "pre_adaptation_loss": pre_loss, "predictions": y_pred}
+
+    def task_predict(self, params, non_trainable, task, steps):
+        """Query predictions of one task after adaptation."""
+        adaptation = self.adaptation(training=False)
+        state = adaptation.advance(adaptation.start(params, non_trainable, task), steps)
+        return {"predictions": adaptation.outputs(state)[0]}
+
     # ------------------------------------------------------------------
     # Hyper-parameters derived from the arguments.
 
     @property
     def step_size(self):
         """The inner step size actually used (after any scaling)."""
-        if self.inner_learning_rate_scaling == "inverse_steps":
-            return self.inner_learning_rate / self.inner_steps
-        return self.inner_learning_rate
-
-    @property
-    def resolved_task_execution(self):
-        """`"vectorized"` or `"sequential"`: what `task_execution` resolves to."""
-        if self.task_execution != "auto":
-            return self.task_execution
-        return self._auto_task_execution()
-
-    def _auto_task_execution(self):
-        # Measured on 2 CPU cores (docs/performance.md): conv4 MAML runs ~1.8x
-        # faster task by task (TensorFlow's vectorization falls back to a loop
-        # for per-task convolution filter gradients), the sinusoid MLP ~3x
-        # faster vectorized.
-        return "sequential" if self._has_convolutions() else "vectorized"
-
-    def _has_convolutions(self):
-        return any(
-            "Conv" in type(layer).__name__  # Conv1D/2D/3D, Depthwise, Separable...
-            for layer in self.model._flatten_layers(include_self=False, recursive=True)
-        )
-
-    def _resolve_auto_jit_compile(self):
-        # `compile(jit_compile="auto")`, the default. Keras turns XLA off on
-        # machines without an accelerator. For networks without convolutions
-        # a meta-step is hundreds of small ops that XLA fuses: sinusoid MAML
-        # (PEERS.md B1) ran 1.7x faster with XLA on 2 CPU cores (515 vs 298
-        # meta-steps/s; 1270 vs 701 with steps_per_execution=25), for a first
-        # step of 2.6 s instead of 0.8 s. XLA:CPU is slow for convolutions
-        # inside loops (docs/performance.md), so conv nets keep Keras' rule,
-        # and so do distribution strategies.
-        if super()._resolve_auto_jit_compile():
-            return True
-        if not AUTO_XLA_ON_CPU or self._distribute_strategy or self._has_convolutions():
-            return False
-        return keras.src.trainers.trainer.model_supports_jit(self)
-
-    @property
-    def _unroll_inner_loop(self):
-        # Task by task (a `tf.map_fn` loop), the inner steps run in a
-        # `tf.while_loop`: tracing time and graph size stay flat in the number
-        # of steps. Vectorized, they are unrolled: `tf.vectorized_map` over a
-        # while loop traced 1.6x longer (conv4, 5 steps).
-        return self.resolved_task_execution == "vectorized"
+        return self.step_size_rule.learning_rate
 
     @property
     def adaptation_steps(self):
         """Inner steps used by `evaluate`, `predict` and `adapt`."""
         return self.eval_inner_steps or self.inner_steps
 
+    @property
+    def execution(self):
+        """The `Execution` that `task_execution` resolves to."""
+        tasks = self.task_execution
+        if tasks == "auto":
+            # Measured on 2 CPU cores (docs/performance.md): conv4 MAML runs
+            # ~1.8x faster task by task (TensorFlow's vectorization falls back
+            # to a loop for per-task convolution filter gradients), the
+            # sinusoid MLP ~3x faster vectorized; conv4 ANIL 1.6x faster and
+            # lighter task by task (docs/anil.md).
+            tasks = "sequential" if self._has_convolutions() else "vectorized"
+        vectorized = tasks == "vectorized"
+        return Execution(
+            tasks,
+            unroll_inner_loop=vectorized and self.unroll_inner_loop_when_vectorized,
+            early_exit=not vectorized,
+            batched_tape=vectorized and self.batched_tape_when_vectorized,
+        )
+
+    @property
+    def resolved_task_execution(self):
+        """`"vectorized"` or `"sequential"`: what `task_execution` resolves to."""
+        return self.execution.tasks
+
+    def _has_convolutions(self):
+        return any(
+            "Conv" in type(layer).__name__  # Conv1D/2D/3D, Depthwise, Separable...
+            for layer in _internals.sublayers(self.model)
+        )
+
+    def compile(self, *args, jit_compile="auto", run_eagerly=False, **kwargs):
+        # `jit_compile="auto"` (the default): Keras turns XLA off on machines
+        # without an accelerator. For networks without convolutions a
+        # meta-step is hundreds of small ops that XLA fuses: sinusoid MAML
+        # (PEERS.md B1) ran 1.7x faster with XLA on 2 CPU cores (515 vs 298
+        # meta-steps/s; 1270 vs 701 with steps_per_execution=25), for a first
+        # step of 2.6 s instead of 0.8 s. XLA:CPU is slow for convolutions
+        # inside loops (docs/performance.md), so conv nets keep Keras' rule,
+        # and so do distribution strategies.
+        if jit_compile == "auto" and not run_eagerly:
+            jit_compile = self._auto_jit_compile()
+        super().compile(*args, jit_compile=jit_compile, run_eagerly=run_eagerly, **kwargs)
+        if self.optimizer is not None and not self.optimizer.built:
+            # Optimizer slots created now, not inside the first trace.
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.model.trainable_variables)
+
+    def compile_from_config(self, config):
+        # Keras skips an overridden `compile()` when loading (it cannot know
+        # what it does); ours only resolves `jit_compile` and builds the
+        # optimizer, so a loaded learner compiles as Keras would compile it.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
+    def _auto_jit_compile(self):
+        distributed = (
+            tf.distribute.has_strategy() or self.distribute_strategy.num_replicas_in_sync > 1
+        )
+        accelerated = any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
+        if distributed or not (accelerated or AUTO_XLA_ON_CPU and not self._has_convolutions()):
+            return False
+        return _internals.model_supports_jit(self)
+
     # ------------------------------------------------------------------
-    # Per-task building blocks: the network at fast weights.
+    # Per-task building blocks: the loss, and the network at full weights.
 
     def compute_task_loss(self, y_true, y_pred, layer_losses=()):
         """The compiled loss of one task's predictions, plus layer losses.
@@ -252,121 +417,35 @@ class MetaLearner(keras.Model):
             )
         return keras.losses.get(loss)
 
-    def _training_flags(self, training):
-        """(support, query) `training` arguments of the network's calls.
-
-        Meta-training runs the network in training mode. Evaluation runs
-        it in training mode only where BatchNorm needs batch statistics:
-        the support passes always, the query pass when transductive.
-        """
-        if training:
-            return True, True
-        support = self._has_batch_norm
-        return support, support and self.transductive_batch_norm
-
     def support_loss(self, params, non_trainable, x, y, training):
-        """Loss on the support set at fast weights `params`."""
-        y_pred, _, losses = inner_loop.forward(
-            self.model, params, non_trainable, x, training
-        )
-        return self.compute_task_loss(y, y_pred, losses)
+        """The inner objective at the start of adaptation, at full weights `params`.
 
-    def adapt_parameters(
-        self, params, non_trainable, x, y, steps, training, create_graph
-    ):
-        """Fast weights after `steps` inner steps on the support set."""
-        return inner_loop.gradient_descent(
-            lambda p: self.support_loss(p, non_trainable, x, y, training),
-            params,
-            steps=steps,
-            learning_rate=self.step_size,
-            create_graph=create_graph,
-            unroll=self._unroll_inner_loop,
-        )
-
-    def query_outputs(self, params, non_trainable, support_x, query_x, training):
-        """Query predictions and layer losses at fast weights `params`.
-
-        Transductive BatchNorm normalises the query set with its own
-        statistics; otherwise with the support set's moments at `params`.
+        The compiled loss of the whole network on `(x, y)` plus the terms of
+        the inner transforms (ANIL's head L2) on the weights that adapt.
         """
-        if self.transductive_batch_norm or not self._has_batch_norm:
-            y_pred, _, losses = inner_loop.forward(
-                self.model, params, non_trainable, query_x, training
-            )
-        else:
-            moments = inner_loop.batch_moments(
-                self.model, params, non_trainable, support_x
-            )
-            y_pred, _, losses = inner_loop.forward(
-                self.model, params, moments, query_x, False
-            )
-        return y_pred, losses
+        y_pred, _, losses = forward(self.model, params, non_trainable, x, training)
+        loss = self.compute_task_loss(y, y_pred, losses)
+        adapted = self.network.adapted(params)
+        for transform in self.inner_transforms(True):
+            if transform.penalty is not None:
+                loss = loss + transform.penalty(adapted, transform.init(adapted))
+        return loss
 
     def query_loss(self, params, non_trainable, task, training):
-        """(loss, predictions) on the query set at fast weights `params`."""
-        y_pred, losses = self.query_outputs(
-            params, non_trainable, task["support_x"], task["query_x"], training
+        """`(loss, predictions)` on the query set at full weights `params`."""
+        y_pred, losses = self.batch_norm.query(
+            self.model, params, non_trainable, task["support_x"], task["query_x"], training
         )
         return self.compute_task_loss(task["query_y"], y_pred, losses), y_pred
 
-    # ------------------------------------------------------------------
-    # What a subclass defines.
+    def adapt_parameters(self, params, non_trainable, x, y, steps, training, create_graph):
+        """Full weights after `steps` test-time inner steps on `(x, y)`.
 
-    # Names of extra per-task scalars `task_train` returns; they are averaged
-    # over the meta-batch and logged (e.g. iMAML's CG diagnostics).
-    extra_train_outputs = ()
-
-    def task_train(self, params, non_trainable, task):
-        """Meta-gradient of one task.
-
-        Args:
-            params: list of tensors, the meta-parameters (the wrapped model's
-                trainable weights, in order).
-            non_trainable: list of tensors, its non-trainable weights.
-            task: dict with one task's `support_x`, `support_y`, `query_x`,
-                `query_y` (no meta-batch axis).
-
-        Returns:
-            A dict with `"gradients"` (list aligned with `params`), `"loss"`
-            (the query loss after adaptation) and `"predictions"` (query
-            predictions after adaptation); optional extra scalar entries
-            are averaged over the meta-batch and logged.
+        `training` is the `training` flag of the network's support calls.
         """
-        raise NotImplementedError
-
-    def task_evaluate(self, params, non_trainable, task, steps):
-        """Query predictions and losses of one task after adaptation."""
-        support_training, query_training = self._training_flags(False)
-        pre_loss, _ = self.query_loss(params, non_trainable, task, query_training)
-        fast = self.adapt_parameters(
-            params,
-            non_trainable,
-            task["support_x"],
-            task["support_y"],
-            steps,
-            support_training,
-            create_graph=False,
-        )
-        loss, y_pred = self.query_loss(fast, non_trainable, task, query_training)
-        return {"loss": loss, "pre_adaptation_loss": pre_loss, "predictions": y_pred}
-
-    def task_predict(self, params, non_trainable, task, steps):
-        """Query predictions of one task after adaptation."""
-        support_training, query_training = self._training_flags(False)
-        fast = self.adapt_parameters(
-            params,
-            non_trainable,
-            task["support_x"],
-            task["support_y"],
-            steps,
-            support_training,
-            create_graph=False,
-        )
-        y_pred, _ = self.query_outputs(
-            fast, non_trainable, task["support_x"], task["query_x"], query_training
-        )
-        return {"predictions": y_pred}
+        adaptation = self.adaptation(training=False, support_training=training)
+        state = adaptation.start(params, non_trainable, {"support_x": x, "support_y": y})
+        return adaptation.full_weights(adaptation.advance(state, steps, create_graph))
 
     # ------------------------------------------------------------------
     # Running the tasks of a meta-batch.
@@ -385,7 +464,7 @@ class MetaLearner(keras.Model):
             out = task_fn(task)
             return {key: tf.nest.map_structure(lambda t: tf.cast(t, dtype), out[key]) for key in keys}
 
-        if self.resolved_task_execution == "vectorized":
+        if self.execution.tasks == "vectorized":
             return tf.vectorized_map(fn, episode)
         spec = tf.TensorSpec(None, dtype)
         signature = {
@@ -396,150 +475,53 @@ class MetaLearner(keras.Model):
         }
         return tf.map_fn(fn, episode, fn_output_signature=signature)
 
-    # ------------------------------------------------------------------
-    # Episode checks.
+    def meta_gradients(self, params, non_trainable, episode):
+        """The meta-gradient of a meta-batch: the one place tasks meet.
 
-    def _check_episode(self, data, keys=EPISODE_KEYS, single_task=False):
-        name = type(self).__name__
-        data = _as_episode_dict(data)
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"{name} expects episodes as dicts with keys {list(keys)}, "
-                "each with a leading meta-batch axis. Received: "
-                f"{type(data).__name__}"
-            )
-        missing = [key for key in keys if key not in data]
-        if missing:
-            raise ValueError(
-                f"Episode is missing key(s) {missing}. {name} expects dicts "
-                f"with keys {list(keys)}, each with a leading meta-batch "
-                f"axis. Received keys: {sorted(data)}"
-            )
-        episode = {key: tf.convert_to_tensor(data[key]) for key in keys}
-        for key, value in episode.items():
-            if value.shape.rank is not None and value.shape.rank < 2:
-                raise ValueError(
-                    f"Episode entry `{key}` must have shape [meta_batch, "
-                    f"examples, ...] (rank >= 2). Received: shape={value.shape}"
-                )
-        shapes = {key: value.shape for key, value in episode.items()}
-        self._check_shapes(shapes, single_task)
-        meta_batch = {k: s[0] for k, s in shapes.items() if s.rank and s[0] is not None}
-        if len(set(meta_batch.values())) > 1:
-            raise ValueError(
-                "All episode entries must share the meta-batch size (axis 0). "
-                f"Received shapes: { {k: tuple(s) for k, s in shapes.items()} }"
-            )
-        for prefix in ("support", "query"):
-            x_key, y_key = f"{prefix}_x", f"{prefix}_y"
-            if x_key in shapes and y_key in shapes:
-                nx, ny = shapes[x_key][1], shapes[y_key][1]
-                if nx is not None and ny is not None and nx != ny:
-                    raise ValueError(
-                        f"`{x_key}` and `{y_key}` must hold the same number of "
-                        f"examples per task (axis 1). Received: {x_key} shape="
-                        f"{tuple(shapes[x_key])}, {y_key} shape="
-                        f"{tuple(shapes[y_key])}"
-                    )
-        return episode
+        Per task (`task_train` mapped over the tasks, gradients averaged), or,
+        with `Execution.batched_tape`, one tape around the vectorized tasks'
+        query losses. Keras' TF optimizer sums the replicas' gradients, which
+        equals the mean over the global meta-batch when every replica holds
+        as many tasks: the mean is divided by the replica count.
 
-    def _input_shape(self):
-        """The model's input shape per example, or None if it has no `inputs`."""
-        inputs = getattr(self.model, "inputs", None)
-        if isinstance(inputs, (list, tuple)) and len(inputs) == 1:
-            return tuple(inputs[0].shape[1:])
-        return None
-
-    def _output_shape(self, x_shape, dtype):
-        """The model's output shape per example for inputs of `x_shape`."""
-        outputs = getattr(self.model, "outputs", None)
-        if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
-            return tuple(outputs[0].shape[1:])
-        cache = self.__dict__.setdefault("_output_shapes", {})
-        key = (tuple(x_shape), dtype)
-        if key not in cache:
-            with tf.init_scope():
-                spec = self.model.compute_output_spec(
-                    keras.KerasTensor((None,) + tuple(x_shape), dtype)
+        Returns:
+            `(gradients, results, non_finite_tasks)`: the gradients aligned
+            with `params`, the per-task results (`loss`, `predictions`,
+            `extra_train_outputs`) and the number of tasks whose query loss
+            or meta-gradient is not finite.
+        """
+        keys = ("loss", "predictions")
+        if self.execution.batched_tape:  # (no `extra_train_outputs` then)
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(params)
+                results = self.map_tasks(
+                    lambda task: dict(zip(keys, self.task_loss(params, non_trainable, task))),
+                    episode,
+                    keys,
                 )
-            if not isinstance(spec, keras.KerasTensor):
-                raise ValueError(
-                    f"{type(self).__name__} meta-learns single-output models "
-                    f"(one loss on one output). Received: model "
-                    f"{self.model.name!r} returning "
-                    f"{tf.nest.map_structure(lambda t: tuple(t.shape), spec)}"
-                )
-            cache[key] = tuple(spec.shape[1:])
-            self.__dict__["_output_width"] = spec.shape[-1]
-        return cache[key]
-
-    def _check_shapes(self, shapes, single_task=False):
-        """Static checks of the per-example shapes of an episode's entries."""
-        expected = self._input_shape()
-        for key in ("support_x", "query_x"):
-            shape = shapes.get(key)
-            if expected is None or shape is None or shape.rank is None:
-                continue
-            example = tuple(shape[2:])
-            if _compatible(example, expected):
-                continue
-            hint = ""
-            if single_task:
-                shape = shape[1:]
-                if _compatible(tuple(shape[2:]), expected):
-                    hint = (
-                        " `adapt` takes one task without a meta-batch axis: "
-                        "pass `support_x[0]`, `support_y[0]`."
-                    )
-                raise ValueError(
-                    f"`support_x` of one task must have shape [examples] + "
-                    f"{expected} (the model's input shape per example). "
-                    f"Received: support_x shape={tuple(shape)}.{hint}"
-                )
-            if _compatible(tuple(shape[1:]), expected):
-                hint = (
-                    " The meta-batch axis is missing: add one (`x[None]` for "
-                    "a single task), or use `adapt()` for one task."
-                )
-            elif shape.rank > 2 and _compatible(tuple(shape[3:]), expected):
-                hint = " There is one axis too many (a meta-batch axis added twice?)."
-            raise ValueError(
-                f"Episode entry `{key}` must have shape [meta_batch, examples] + "
-                f"{expected} (the model's input shape per example). Received: "
-                f"{key} shape={tuple(shape)}.{hint}"
+                loss = tf.reduce_mean(results["loss"])
+            gradients = tape.gradient(
+                loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
             )
-        if getattr(self, "loss", None) is None:
-            return
-        sparse = _is_sparse_loss(self._inner_loss_fn())
-        x_shape = shapes.get("query_x", shapes.get("support_x"))
-        if x_shape is None or x_shape.rank is None:
-            return
-        output = self._output_shape(x_shape[2:], "float32")
-        for key in ("support_y", "query_y"):
-            shape = shapes.get(key)
-            if shape is None or shape.rank is None:
-                continue
-            target = tuple(shape[2:])
-            if sparse:
-                if target in ((), (1,)):
-                    continue
-                raise ValueError(
-                    f"With the sparse classification loss "
-                    f"({_loss_name(self._inner_loss_fn())}), `{key}` holds one "
-                    "class index per example: shape [meta_batch, examples] (or "
-                    f"[..., 1]). Received: {key} shape={tuple(shape)} for model "
-                    f"outputs of shape {(None,) + output}. One-hot targets need "
-                    "`keras.losses.CategoricalCrossentropy`; or pass the class "
-                    "indices (`argmax` over the last axis)."
+            finite = tf.math.is_finite(results["loss"]) & tf.reduce_all(
+                [tf.reduce_all(tf.math.is_finite(g)) for g in gradients]
+            )
+        else:
+            results = self.map_tasks(
+                lambda task: self.task_train(params, non_trainable, task),
+                episode,
+                ("gradients",) + keys + self.extra_train_outputs,
+            )
+            gradients = [tf.reduce_mean(g, axis=0) for g in results["gradients"]]
+            finite = tf.math.is_finite(results["loss"])
+            for g in results["gradients"]:
+                finite = finite & tf.reduce_all(
+                    tf.reshape(tf.math.is_finite(g), [tf.shape(g)[0], -1]), axis=1
                 )
-            if not _compatible(target, output):
-                raise ValueError(
-                    f"`{key}` must have the model's output shape per example: "
-                    f"the model outputs {(None,) + output}, so `{key}` should "
-                    f"be [meta_batch, examples] + {output}. Received: {key} "
-                    f"shape={tuple(shape)}; the loss would broadcast "
-                    f"{target} against {output} without an error."
-                )
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.control_dependencies(self._check_even_split(episode)):
+            gradients = [g / replicas for g in gradients]
+        return gradients, results, _count_false(finite)
 
     # ------------------------------------------------------------------
     # Keras trainer hooks.
@@ -549,14 +531,12 @@ class MetaLearner(keras.Model):
         # to itself it defers building to the first trace (without a
         # distribution strategy) or builds by calling the model on a
         # symbolic batch with `y` (with one). Neither fits a learner: the
-        # optimizer slots and compiled metrics would be created inside the
-        # first trace, which makes `tf.function` trace the whole meta-step
-        # twice, and `call` takes an episode, not `x`. Build both here,
-        # eagerly, from the episode's shapes.
+        # compiled metrics would be created inside the first trace, which
+        # makes `tf.function` trace the whole meta-step twice, and `call`
+        # takes an episode, not `x`. Build them here, eagerly, from the
+        # first episode's shapes, and check its values.
         if iterator is not None:
-            for _, _, batches in iterator:
-                data_batch = next(batches)
-                break
+            data_batch = _internals.first_batch(iterator)
         if data_batch is None:
             return
         local = self.distribute_strategy.experimental_local_results
@@ -587,7 +567,7 @@ class MetaLearner(keras.Model):
     def _build_training_state(self, data_batch):
         if self.optimizer is not None and not self.optimizer.built:
             self.optimizer.build(self.model.trainable_variables)
-        metrics = self._compile_metrics
+        metrics = _internals.compile_metrics(self)
         if metrics is None or metrics.built:
             return
         data = _as_episode_dict(data_batch)
@@ -614,29 +594,14 @@ class MetaLearner(keras.Model):
         episode = self._check_episode(data)
         params, non_trainable = self._meta_state()
 
-        # Adapt on support, outer loss on query: per task, in parallel.
-        results = self.map_tasks(
-            lambda task: self.task_train(params, non_trainable, task),
-            episode,
-            ("gradients", "loss", "predictions") + self.extra_train_outputs,
+        # Adapt on support, outer loss on query, meta-gradient: per task (or
+        # under one tape for the meta-batch), averaged over the tasks.
+        gradients, results, non_finite_tasks = self.meta_gradients(
+            params, non_trainable, episode
         )
 
-        # Meta-gradient: mean over the tasks (and over replicas: Keras' TF
-        # optimizer sums the replicas' gradients, which equals the mean over
-        # the global meta-batch when every replica holds as many tasks).
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        with tf.control_dependencies(self._check_even_split(episode)):
-            gradients = [
-                tf.reduce_mean(g, axis=0) / replicas for g in results["gradients"]
-            ]
-
         # Update, unless a task's loss or meta-gradient is not finite.
-        finite = tf.math.is_finite(results["loss"])
-        for g in results["gradients"]:
-            finite = finite & tf.reduce_all(
-                tf.reshape(tf.math.is_finite(g), [tf.shape(g)[0], -1]), axis=1
-            )
-        self.apply_meta_gradients(gradients, non_finite_tasks=_count_false(finite))
+        self.apply_meta_gradients(gradients, non_finite_tasks=non_finite_tasks)
         return self._update_metrics(episode, results, training=True)
 
     def apply_meta_gradients(self, gradients, non_finite_tasks):
@@ -659,7 +624,7 @@ class MetaLearner(keras.Model):
         def apply(gradients):
             self.optimizer.apply_gradients(zip(gradients, variables))
 
-        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        if _internals.strategy_supports_no_merge_call():
             tf.cond(finite, lambda: apply(gradients), lambda: None)
             return
 
@@ -714,186 +679,9 @@ class MetaLearner(keras.Model):
         )
         return results["predictions"]
 
-    # ------------------------------------------------------------------
-    # In-memory episodes: checked before Keras slices them into batches
-    # (its adapters would report mismatched support and query sizes as an
-    # ambiguous cardinality, or fail on a missing meta-batch axis).
-
-    def fit(self, x=None, *args, **kwargs):
-        self._check_in_memory(x, EPISODE_KEYS)
-        return super().fit(x, *args, **kwargs)
-
-    def evaluate(self, x=None, *args, **kwargs):
-        self._check_in_memory(x, EPISODE_KEYS)
-        return super().evaluate(x, *args, **kwargs)
-
-    def predict(self, x, *args, **kwargs):
-        self._check_in_memory(x, PREDICT_KEYS)
-        return super().predict(x, *args, **kwargs)
-
-    def _check_in_memory(self, x, keys):
-        if isinstance(x, dict) and not isinstance(x, tf.data.Dataset):
-            present = [key for key in keys if key in x]
-            self._check_episode(x, present if len(present) == len(keys) else keys)
-
-    # ------------------------------------------------------------------
-    # Step functions: Keras' own, run with the checks below.
-
-    def make_train_function(self, force=False):
-        if self.train_function is not None and not force:
-            return self.train_function
-        super().make_train_function(force=force)
-        self.train_function = self._guarded(self.train_function)
-        return self.train_function
-
-    def make_test_function(self, force=False):
-        if self.test_function is not None and not force:
-            return self.test_function
-        super().make_test_function(force=force)
-        self.test_function = self._guarded(self.test_function)
-        return self.test_function
-
-    def make_predict_function(self, force=False):
-        if self.predict_function is not None and not force:
-            return self.predict_function
-        super().make_predict_function(force=force)
-        self.predict_function = self._guarded(self.predict_function)
-        return self.predict_function
-
-    def _guarded(self, function):
-        """`function` run without Grappler's memory optimizer, then checked.
-
-        The memory optimizer breaks second-order gradients through inner
-        loops (see `_internals.memory_optimizer_off`). The check raises the
-        label errors the step recorded in its logs (an in-graph assertion
-        would not survive `jit_compile`).
-        """
-
-        def guarded(*args, **kwargs):
-            with _internals.memory_optimizer_off():
-                logs = function(*args, **kwargs)
-            if isinstance(logs, dict) and _LABEL_KEYS[0] in logs:
-                logs = dict(logs)
-                count, value, key = (
-                    float(np.ravel(keras.ops.convert_to_numpy(logs.pop(k)))[0])
-                    for k in _LABEL_KEYS
-                )
-                if count > 0:
-                    raise ValueError(
-                        self._label_message(
-                            ("support_y", "query_y")[int(round(key))], value, count
-                        )
-                    )
-                if set(logs) == {"predictions"}:
-                    return logs["predictions"]
-            return logs
-
-        return guarded
-
-    def _label_width(self):
-        """The model's output width if the compiled loss is sparse, else None."""
-        if getattr(self, "loss", None) is None or not _is_sparse_loss(self._inner_loss_fn()):
-            return None
-        outputs = getattr(self.model, "outputs", None)
-        if outputs:
-            return outputs[0].shape[-1]
-        return self.__dict__.get("_output_width")
-
-    def _label_message(self, key, value, count=1):
-        width = self._label_width()
-        return (
-            f"Class labels must be integers in [0, {width}): the model has "
-            f"{width} outputs and the loss "
-            f"({_loss_name(self._inner_loss_fn())}) reads labels as indices "
-            f"into them. Received: a label {value:g} in `{key}` ({int(count)} "
-            "invalid label(s) in the meta-batch). An episode's labels run "
-            "from 0 to n_way - 1: build the model with as many outputs as the "
-            "episodes' n_way (e.g. `km.models.conv4(n_way)`)."
-        )
-
-    def _label_violation(self, episode):
-        """In-graph count, first value and key of invalid class labels.
-
-        Empty unless the compiled loss is a sparse classification loss.
-        """
-        width = self._label_width()
-        if width is None:
-            return {}
-        counts, values, keys = [], [], []
-        for index, key in enumerate(("support_y", "query_y")):
-            if key not in episode:
-                continue
-            y = tf.reshape(episode[key], [-1])
-            bad = _invalid_labels(y, width)
-            counts.append(tf.reduce_sum(tf.cast(bad, tf.float32)))
-            first = tf.argmax(tf.cast(bad, tf.int32))
-            values.append(tf.cast(tf.gather(y, first), tf.float32))
-            keys.append(float(index))
-        counts = tf.stack(counts)
-        which = tf.argmax(tf.cast(counts > 0, tf.int32))
-        return {
-            _LABEL_KEYS[0]: tf.reduce_sum(counts),
-            _LABEL_KEYS[1]: tf.gather(tf.stack(values), which),
-            _LABEL_KEYS[2]: tf.gather(tf.constant(keys), which),
-        }
-
-    def _check_values(self, episode, finite=True):
-        """Host-side checks of one batch: class labels and finite values.
-
-        Runs on the first batch of `fit`/`evaluate` (labels only: a training
-        step skips and counts non-finite tasks) and on the inputs of
-        `evaluate_tasks` and `adapt`, before anything is traced.
-        """
-        width = self._label_width()
-        for key, value in episode.items():
-            array = np.asarray(keras.ops.convert_to_numpy(value))
-            if finite and array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
-                bad = array[~np.isfinite(array)].ravel()[0]
-                raise ValueError(
-                    f"Episode entry `{key}` contains non-finite values "
-                    f"({int(np.sum(~np.isfinite(array)))} NaN/inf, e.g. {bad}). "
-                    "Clean the data source (in training, keras_meta skips the "
-                    "meta-batches whose losses are not finite and counts their "
-                    "tasks in the `non_finite_tasks` metric)."
-                )
-            if width is None or not key.endswith("_y"):
-                continue
-            flat = array.ravel()
-            bad = (flat < 0) | (flat >= width) | (np.round(flat) != flat)
-            if np.any(bad):
-                raise ValueError(self._label_message(key, float(flat[bad][0]), np.sum(bad)))
-            if key == "support_y" and array.ndim >= 2:
-                classes = max(len(np.unique(task)) for task in array.reshape(array.shape[0], -1))
-                if classes > width:
-                    raise ValueError(
-                        f"A task of `support_y` has {classes} classes but the "
-                        f"model has {width} outputs: the episodes' n_way must "
-                        "not exceed the model's output width."
-                    )
-
-    def _check_even_split(self, episode):
-        """Under a multi-replica strategy, asserts equal local meta-batches."""
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        context = tf.distribute.get_replica_context()
-        if replicas == 1 or context is None:
-            return []
-        local = tf.shape(episode["support_x"], out_type=tf.int64)[0]
-        total = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
-        return [
-            tf.debugging.assert_equal(
-                total,
-                local * replicas,
-                message=(
-                    "The global meta-batch must split evenly across the "
-                    f"{replicas} replicas (meta_batch_size divisible by "
-                    f"{replicas}): a replica received a different number of tasks"
-                ),
-            )
-        ]
-
     def _update_metrics(self, episode, results, training):
         """Shared bookkeeping of train and test steps; returns the logs."""
-        self._loss_tracker.update_state(tf.reduce_mean(results["loss"]))
+        _internals.loss_tracker(self).update_state(tf.reduce_mean(results["loss"]))
         if training:
             for name in self.extra_train_outputs:
                 self._extra_trackers[name].update_state(tf.reduce_mean(results[name]))
@@ -914,11 +702,30 @@ class MetaLearner(keras.Model):
         )
         logs = {key: value for key, value in logs.items() if key not in unused}
         logs.update(self._label_violation(episode))
-        if _multi_worker(self.distribute_strategy):
+        if _internals.in_multi_worker_mode(self.distribute_strategy):
             # Keras reduces multi-worker logs with `strategy.reduce("MEAN",
             # value, axis=0)`, which fails on scalars: give them an axis.
             logs = {key: tf.reshape(value, [1]) for key, value in logs.items()}
         return logs
+
+    # ------------------------------------------------------------------
+    # Step functions: Keras' own, run with the checks (`_guarded`).
+
+    def make_train_function(self, force=False):
+        return self._make_guarded("train", super().make_train_function, force)
+
+    def make_test_function(self, force=False):
+        return self._make_guarded("test", super().make_test_function, force)
+
+    def make_predict_function(self, force=False):
+        return self._make_guarded("predict", super().make_predict_function, force)
+
+    def _make_guarded(self, kind, make, force):
+        name = f"{kind}_function"
+        if getattr(self, name) is None or force:
+            make(force=force)
+            setattr(self, name, self._guarded(getattr(self, name)))
+        return getattr(self, name)
 
     # ------------------------------------------------------------------
     # Few-shot evaluation, task by task.
@@ -963,25 +770,11 @@ class MetaLearner(keras.Model):
 
     def _evaluate_tasks(self, episode, steps):
         params, non_trainable = self._meta_state()
-        support_training, query_training = self._training_flags(False)
 
         def task_fn(task):
-            fast, losses, predictions = params, [], []
-            for previous, current in zip((0,) + steps[:-1], steps):
-                fast = self.adapt_parameters(
-                    fast,
-                    non_trainable,
-                    task["support_x"],
-                    task["support_y"],
-                    current - previous,
-                    support_training,
-                    create_graph=False,
-                )
-                loss, y_pred = self.query_loss(
-                    fast, non_trainable, task, query_training
-                )
-                losses.append(loss)
-                predictions.append(y_pred)
+            losses, predictions = zip(
+                *self.adaptation_path(params, non_trainable, task, steps)
+            )
             return {"loss": tf.stack(losses), "predictions": tf.stack(predictions)}
 
         return self.map_tasks(task_fn, episode, ("loss", "predictions"))
@@ -1033,16 +826,11 @@ class MetaLearner(keras.Model):
             )
         )
         params, non_trainable = self._meta_state()
-        support_training, _ = self._training_flags(False)
-        fast = self.adapt_parameters(
-            params,
-            non_trainable,
-            support_x,
-            support_y,
-            steps,
-            support_training,
-            create_graph=False,
+        adaptation = self.adaptation(training=False)
+        state = adaptation.start(
+            params, non_trainable, {"support_x": support_x, "support_y": support_y}
         )
+        fast = adaptation.full_weights(adaptation.advance(state, steps))
         names = [v.path for v in self.model.trainable_variables]
         try:
             self.check_finite_weights("adapt", list(zip(names, fast)))
@@ -1054,36 +842,13 @@ class MetaLearner(keras.Model):
             ) from None
         return self.export_model(fast, non_trainable, support_x)
 
-    def check_finite_weights(self, action="save", weights=None):
-        """Raises ValueError if a weight of the wrapped model is NaN or infinite.
-
-        keras_meta never saves or exports non-finite weights: `save`,
-        `export_adaptive` and `adapt` call this first.
-        """
-        if weights is None:
-            weights = [(v.path, v) for v in self.model.weights]
-        bad = [name for name, value in weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(value)))]
-        if bad:
-            raise ValueError(
-                f"Refusing to {action} {type(self).__name__} {self.name!r}: "
-                f"{len(bad)} weight tensor(s) hold NaN or infinite values "
-                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}). The "
-                "training diverged: lower the learning rates "
-                "(`inner_learning_rate`, the optimizer's) and retrain, or "
-                "restore an earlier checkpoint."
-            )
-
-    def save(self, filepath, *args, **kwargs):
-        self.check_finite_weights("save")
-        return super().save(filepath, *args, **kwargs)
-
     def export_model(self, params, non_trainable, support_x):
         """A clone of the wrapped model holding fast weights `params`.
 
         Its non-trainable values are the support set's BatchNorm moments at
         `params` (see `adapt`).
         """
-        statistics = inner_loop.batch_moments(
+        statistics = self.batch_norm.export_statistics(
             self.model, params, non_trainable, support_x
         )
         clone = _clone(self.model, support_x)
@@ -1094,20 +859,19 @@ class MetaLearner(keras.Model):
         return clone
 
     # ------------------------------------------------------------------
-    # Serialization.
+    # Serialization: one entry per `__init__` argument, read from the
+    # attribute of the same name (keras-hub's Task pattern).
 
     def get_config(self):
-        return {
+        config = {
             "name": self.name,
             "trainable": self.trainable,
             "model": keras.saving.serialize_keras_object(self.model),
-            "inner_learning_rate": self.inner_learning_rate,
-            "inner_steps": self.inner_steps,
-            "eval_inner_steps": self.eval_inner_steps,
-            "inner_learning_rate_scaling": self.inner_learning_rate_scaling,
-            "transductive_batch_norm": self.transductive_batch_norm,
-            "task_execution": self.task_execution,
         }
+        for name in inspect.signature(type(self).__init__).parameters:
+            if name not in ("self", "model", "kwargs"):
+                config[name] = getattr(self, name)
+        return config
 
     @classmethod
     def from_config(cls, config):
@@ -1116,58 +880,46 @@ class MetaLearner(keras.Model):
         return cls(**config)
 
 
-_LABEL_KEYS = ("_invalid_labels", "_invalid_label_value", "_invalid_label_key")
+def _check_model(name, model, check_outputs):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"{name} wraps a `keras.Model` (Sequential, functional or "
+            f"subclassed). Received: model={model!r} of type "
+            f"{type(model).__name__}"
+        )
+    if not model.built:
+        raise ValueError(
+            f"{name} needs a built model: its weights are the "
+            f"meta-parameters. Build `{model.name}` first, e.g. with "
+            "`model.build(input_shape)` or by calling it on a batch. "
+            f"Received: an unbuilt model {model.name!r}"
+        )
+    if not model.trainable_variables:
+        raise ValueError(
+            f"{name} needs a model with trainable weights (the "
+            f"meta-parameters). Received: model {model.name!r} with "
+            "no trainable weights"
+        )
+    outputs = getattr(model, "outputs", None)
+    if isinstance(outputs, (list, tuple)) and len(outputs) > 1 and check_outputs:
+        raise ValueError(
+            f"{name} meta-learns single-output models (one loss on one "
+            f"output). Received: model {model.name!r} with {len(outputs)} "
+            f"outputs of shapes {[tuple(o.shape) for o in outputs]}"
+        )
 
 
-def _is_sparse_loss(loss_fn):
-    """Whether `loss_fn` reads targets as class indices (sparse cross-entropy)."""
-    if isinstance(loss_fn, keras.losses.SparseCategoricalCrossentropy):
-        return getattr(loss_fn, "_fn_kwargs", {}).get("ignore_class") is None
-    return getattr(loss_fn, "__name__", "") == "sparse_categorical_crossentropy"
-
-
-def _loss_name(loss_fn):
-    return getattr(loss_fn, "name", None) or getattr(loss_fn, "__name__", type(loss_fn).__name__)
-
-
-def _invalid_labels(y, width):
-    """Boolean mask of labels outside `[0, width)` or not integers."""
-    y = tf.convert_to_tensor(y)
-    bad = (y < tf.cast(0, y.dtype)) | (y >= tf.cast(width, y.dtype))
-    if y.dtype.is_floating:
-        bad = bad | tf.logical_not(tf.math.is_finite(y)) | tf.not_equal(y, tf.round(y))
-    return bad
-
-
-def _safe_labels(y, width):
-    """(labels with invalid entries set to 0, whether all were valid)."""
-    y = tf.convert_to_tensor(y)
-    bad = _invalid_labels(y, width)
-    return tf.where(bad, tf.zeros_like(y), y), tf.logical_not(tf.reduce_any(bad))
-
-
-def _compatible(shape, expected):
-    """Whether two static shapes can be equal (None matches any size)."""
-    return len(shape) == len(expected) and all(
-        a is None or b is None or a == b for a, b in zip(shape, expected)
-    )
-
-
-def _count_false(mask):
-    return tf.reduce_sum(tf.cast(tf.logical_not(mask), tf.float32))
-
-
-def _multi_worker(strategy):
-    return isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and strategy.extended._in_multi_worker_mode()
-
-
-def _as_episode_dict(data):
-    """The episode from what Keras passes a step: `x` or `(x, y, weight)`."""
-    if isinstance(data, (tuple, list)):
-        data, _, _ = keras.utils.unpack_x_y_sample_weight(tuple(data))
-    return data
+def _check_inner_optimizer(inner_optimizer):
+    try:
+        inner_loop.get_inner_optimizer(inner_optimizer, 1.0)
+    except ValueError as error:
+        raise ValueError(
+            f"`inner_optimizer` must be one of "
+            f"{sorted(inner_loop.INNER_OPTIMIZERS)} or a dict with a `name` "
+            f"among those and its keyword arguments ({error}). Received: "
+            f"inner_optimizer={inner_optimizer!r}"
+        ) from None
+    return inner_optimizer
 
 
 def _merge_meta_batch(tensor):

@@ -116,6 +116,9 @@ class IMAML(MetaLearner):
     """
 
     extra_train_outputs = ("cg_iterations", "cg_residual", "cg_negative_curvature")
+    # The inner solve is never differentiated and runs many steps: one
+    # `tf.while_loop`, vectorized or not (graph and memory flat in the steps).
+    unroll_inner_loop_when_vectorized = False
 
     def __init__(
         self,
@@ -138,16 +141,7 @@ class IMAML(MetaLearner):
         hvp_method="reverse_over_reverse",
         **kwargs,
     ):
-        super().__init__(
-            model,
-            inner_learning_rate=inner_learning_rate,
-            inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps,
-            inner_learning_rate_scaling=inner_learning_rate_scaling,
-            transductive_batch_norm=transductive_batch_norm,
-            task_execution=task_execution,
-            **kwargs,
-        )
+        super().__init__(**self.base_arguments(locals()))
         self.l2_regularization = check_positive_float("l2_regularization", l2_regularization)
         self.cg_iterations = check_positive_int("cg_iterations", cg_iterations)
         self.cg_damping = check_non_negative_float("cg_damping", cg_damping)
@@ -156,16 +150,6 @@ class IMAML(MetaLearner):
         self.cg_negative_curvature = check_choice(
             "cg_negative_curvature", cg_negative_curvature, linalg.NEGATIVE_CURVATURE
         )
-        try:
-            inner_loop.get_inner_optimizer(inner_optimizer, 1.0)
-        except ValueError as error:
-            raise ValueError(
-                f"`inner_optimizer` must be one of "
-                f"{sorted(inner_loop.INNER_OPTIMIZERS)} or a dict with a `name` "
-                f"among those and its keyword arguments ({error}). Received: "
-                f"inner_optimizer={inner_optimizer!r}"
-            ) from None
-        self.inner_optimizer = inner_optimizer
         self.proximal_pull_back = check_bool("proximal_pull_back", proximal_pull_back)
         self.eval_l2_regularization = (
             None
@@ -182,46 +166,33 @@ class IMAML(MetaLearner):
         return self.eval_l2_regularization
 
     # ------------------------------------------------------------------
-    # The inner solve.
+    # The inner problem: support loss plus the proximal term.
 
-    def _objective(self, anchor, non_trainable, x, y, l2, training):
-        """The inner objective: support loss plus the proximal term."""
-        proximal = l2 > 0 and not self.proximal_pull_back
+    def _l2(self, training):
+        return self.l2_regularization if training else self.evaluation_l2_regularization
 
-        def objective(params):
-            loss = self.support_loss(params, non_trainable, x, y, training)
-            if not proximal:
-                return loss
-            dtype = params[0].dtype
-            distance = tf.add_n(
-                [tf.reduce_sum(tf.square(p - a)) for p, a in zip(params, anchor)]
-            )
-            return tf.cast(loss, dtype) + inner_loop._as_dtype(0.5 * l2, dtype) * distance
+    def _proximal(self, l2):
+        # The inner optimiser minimises the proximal objective, unless the
+        # official code's pull-back step replaces the term.
+        if l2 == 0 or self.proximal_pull_back:
+            return []
+        return [inner_loop.add_proximal(l2)]
 
-        return objective
-
-    def _run_inner_optimizer(
-        self, anchor, start, state, non_trainable, x, y, steps, l2, training, create_graph=False
-    ):
-        """`(params, state)` after `steps` more inner steps from `start`."""
-        optimizer = inner_loop.get_inner_optimizer(self.inner_optimizer, self.step_size)
-        return inner_loop.minimize(
-            self._objective(anchor, non_trainable, x, y, l2, training),
-            start,
-            steps,
-            optimizer,
-            state=state,
-            create_graph=create_graph,
-        )
-
-    def _pull_back(self, params, anchor, l2):
-        """The official code's final step on the proximal term (if enabled)."""
+    def _pull_back(self, l2):
+        # The official code's final step on the proximal term:
+        # `phi <- phi - alpha lambda (phi - theta)`.
         if not self.proximal_pull_back or l2 == 0:
-            return params
-        return [
-            p - inner_loop._as_dtype(self.step_size * l2, p.dtype) * (p - a)
-            for p, a in zip(params, anchor)
+            return None
+        rate = self.step_size * l2
+        return lambda fast, start: [
+            p - inner_loop._as_dtype(rate, p.dtype) * (p - a) for p, a in zip(fast, start)
         ]
+
+    def inner_transforms(self, training):
+        return self._proximal(self._l2(training))
+
+    def finalize(self, training):
+        return self._pull_back(self._l2(training))
 
     def inner_solve(
         self, params, non_trainable, x, y, steps, l2_regularization, training, create_graph=False
@@ -232,38 +203,26 @@ class IMAML(MetaLearner):
         step with `proximal_pull_back=True`). With `l2_regularization=0` this
         is plain adaptation on the support loss.
         """
-        fast, _ = self._run_inner_optimizer(
-            params, params, None, non_trainable, x, y, steps, l2_regularization,
-            training, create_graph,
+        adaptation = self.adaptation(training=False, support_training=training).replace(
+            optimizer=inner_loop.chain(*self._proximal(l2_regularization), self.base_inner_optimizer()),
+            finalize=self._pull_back(l2_regularization),
         )
-        return self._pull_back(fast, params, l2_regularization)
-
-    def adapt_parameters(self, params, non_trainable, x, y, steps, training, create_graph):
-        # The base class calls this hook for test-time adaptation only
-        # (evaluate, predict, adapt): iMAML adapts there with the evaluation
-        # lambda. Meta-training calls `inner_solve` with `l2_regularization`.
-        return self.inner_solve(
-            params, non_trainable, x, y, steps, self.evaluation_l2_regularization,
-            training, create_graph,
-        )
+        state = adaptation.start(params, non_trainable, {"support_x": x, "support_y": y})
+        return adaptation.weights(adaptation.advance(state, steps, create_graph))
 
     # ------------------------------------------------------------------
     # The implicit meta-gradient.
 
-    def implicit_gradient(self, fast, non_trainable, x, y, query_gradient):
+    def implicit_gradient(self, support_loss, fast, query_gradient):
         """Solves `((1 + d) I + H / (lambda + delta)) v = query_gradient` by CG.
 
-        `H` is the Hessian of the support loss at `fast`; `d` is
-        `cg_damping`, `delta` `cg_l2_damping`.
+        `H` is the Hessian of `support_loss` (a function of the fast weights)
+        at `fast`; `d` is `cg_damping`, `delta` `cg_l2_damping`.
 
         Returns:
             A `keras_meta.linalg.ConjugateGradientResult`.
         """
-        hvp = linalg.hessian_vector_product_fn(
-            lambda p: self.support_loss(p, non_trainable, x, y, True),
-            fast,
-            method=self.hvp_method,
-        )
+        hvp = linalg.hessian_vector_product_fn(support_loss, fast, method=self.hvp_method)
         dtype = fast[0].dtype
         identity = inner_loop._as_dtype(1.0 + self.cg_damping, dtype)
         curvature = inner_loop._as_dtype(
@@ -278,30 +237,32 @@ class IMAML(MetaLearner):
             query_gradient,
             self.cg_iterations,
             tolerance=self.cg_tolerance,
-            early_exit=self.resolved_task_execution == "sequential",
+            early_exit=self.execution.early_exit,
             negative_curvature=self.cg_negative_curvature,
         )
 
     def task_train(self, params, non_trainable, task):
-        x, y = task["support_x"], task["support_y"]
+        adaptation = self.adaptation(training=True)
 
         # Adapt on support: the proximal inner solve, no gradient through it.
-        fast = self.inner_solve(
-            params, non_trainable, x, y, self.inner_steps, self.l2_regularization,
-            training=True,
+        state = adaptation.advance(
+            adaptation.start(params, non_trainable, task), self.inner_steps
         )
-        fast = [tf.stop_gradient(p) for p in fast]
+        fast = [tf.stop_gradient(p) for p in adaptation.weights(state)]
 
         # Outer loss on query, and its gradient at the adapted weights.
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(fast)
-            loss, y_pred = self.query_loss(fast, non_trainable, task, True)
+            loss, y_pred = adaptation.score(state, weights=fast)
         query_gradient = tape.gradient(
             loss, fast, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
 
-        # Meta-gradient: the implicit gradient, by CG on Hessian-vector products.
-        solve = self.implicit_gradient(fast, non_trainable, x, y, query_gradient)
+        # Meta-gradient: the implicit gradient, by CG on Hessian-vector
+        # products of the support loss at the adapted weights.
+        solve = self.implicit_gradient(
+            lambda p: adaptation.inner_loss(p, state.cache), fast, query_gradient
+        )
         return {
             "gradients": solve.solution,
             "loss": loss,
@@ -310,53 +271,3 @@ class IMAML(MetaLearner):
             "cg_residual": solve.residual,
             "cg_negative_curvature": solve.negative_curvature,
         }
-
-    # ------------------------------------------------------------------
-    # Evaluation along the adaptation path.
-
-    def _evaluate_tasks(self, episode, steps):
-        # The base class continues `adapt_parameters` from the previous
-        # checkpoint's weights; iMAML's proximal term stays anchored at theta
-        # and stateful inner optimisers carry their state, so the path is
-        # continued here with both.
-        params, non_trainable = self._meta_state()
-        support_training, query_training = self._training_flags(False)
-        l2 = self.evaluation_l2_regularization
-
-        def task_fn(task):
-            x, y = task["support_x"], task["support_y"]
-            raw, state, losses, predictions = params, None, [], []
-            for previous, current in zip((0,) + steps[:-1], steps):
-                raw, state = self._run_inner_optimizer(
-                    params, raw, state, non_trainable, x, y, current - previous, l2,
-                    support_training,
-                )
-                fast = self._pull_back(raw, params, l2)
-                loss, y_pred = self.query_loss(fast, non_trainable, task, query_training)
-                losses.append(loss)
-                predictions.append(y_pred)
-            return {"loss": tf.stack(losses), "predictions": tf.stack(predictions)}
-
-        return self.map_tasks(task_fn, episode, ("loss", "predictions"))
-
-    # ------------------------------------------------------------------
-    # Serialization.
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "l2_regularization": self.l2_regularization,
-                "cg_iterations": self.cg_iterations,
-                "cg_damping": self.cg_damping,
-                "cg_l2_damping": self.cg_l2_damping,
-                "cg_tolerance": self.cg_tolerance,
-                "cg_negative_curvature": self.cg_negative_curvature,
-                "inner_optimizer": self.inner_optimizer,
-                "proximal_pull_back": self.proximal_pull_back,
-                "eval_l2_regularization": self.eval_l2_regularization,
-                "hvp_method": self.hvp_method,
-            }
-        )
-        return config
-

@@ -1,7 +1,6 @@
 """MAML: model-agnostic meta-learning (second order, first order, multi-step)."""
 
 import keras
-import tensorflow as tf
 
 from keras_meta.algorithms.base import MetaLearner
 from keras_meta.validation import check_bool
@@ -35,6 +34,9 @@ class MAML(MetaLearner):
             (default, as the reference MAML), or `False`: query normalised
             with the support moments at the adapted weights.
         task_execution: `"auto"` (default), `"vectorized"` or `"sequential"`.
+        inner_optimizer: `"sgd"` (default, the paper's), `"momentum"`,
+            `"adam"` or a dict `{"name": ..., **kwargs}`; second order
+            differentiates through it (`keras_meta.inner_loop`).
 
     Example:
 
@@ -64,53 +66,8 @@ class MAML(MetaLearner):
         inner_learning_rate_scaling=None,
         transductive_batch_norm=True,
         task_execution="auto",
+        inner_optimizer="sgd",
         **kwargs,
     ):
-        super().__init__(
-            model,
-            inner_learning_rate=inner_learning_rate,
-            inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps,
-            inner_learning_rate_scaling=inner_learning_rate_scaling,
-            transductive_batch_norm=transductive_batch_norm,
-            task_execution=task_execution,
-            **kwargs,
-        )
+        super().__init__(**self.base_arguments(locals()))
         self.first_order = check_bool("first_order", first_order)
-
-    def task_train(self, params, non_trainable, task):
-        adapt = lambda p, create_graph: self.adapt_parameters(  # noqa: E731
-            p,
-            non_trainable,
-            task["support_x"],
-            task["support_y"],
-            self.inner_steps,
-            training=True,
-            create_graph=create_graph,
-        )
-        if self.first_order:
-            # Adapt on support (no graph), outer loss on query at the adapted
-            # weights: the meta-gradient is the query gradient there.
-            fast = adapt(params, create_graph=False)
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(fast)
-                loss, y_pred = self.query_loss(fast, non_trainable, task, True)
-            gradients = tape.gradient(
-                loss, fast, unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
-        else:
-            # Adapt on support and score the query set under one tape, so the
-            # meta-gradient flows back through every inner step.
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(params)
-                fast = adapt(params, create_graph=True)
-                loss, y_pred = self.query_loss(fast, non_trainable, task, True)
-            gradients = tape.gradient(
-                loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
-        return {"gradients": gradients, "loss": loss, "predictions": y_pred}
-
-    def get_config(self):
-        config = super().get_config()
-        config["first_order"] = self.first_order
-        return config
