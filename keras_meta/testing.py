@@ -267,21 +267,36 @@ class LearnerConformance:
     - `learners`: name -> factory(model) -> an uncompiled learner;
     - `serving`: the names checked by the adapt-at-serving export (one
       process serves them all); default every learner;
-    - `backbone`: the names meta-trained on conv4; default every learner.
+    - `backbone`: the names meta-trained on conv4; default every learner;
+    - `thorough`: the names that run the expensive checks (`.keras` round
+      trip, eager == function == XLA, the standalone adapted model) in every
+      run; the others' expensive checks carry the `large` mark (a conftest
+      can skip them unless asked). Default every learner.
     """
 
     learners = {}
     serving = None
     backbone = None
+    thorough = None
+    expensive_checks = (
+        "test_keras_file_round_trip_keeps_outputs_and_optimizer",
+        "test_eager_function_and_xla_agree",
+        "test_adapted_model_is_standalone",
+    )
 
     def pytest_generate_tests(self, metafunc):
         names = {
             "learner_name": sorted(self.learners),
             "backbone_name": sorted(self.learners) if self.backbone is None else list(self.backbone),
         }
+        expensive = metafunc.function.__name__ in self.expensive_checks
         for argument, values in names.items():
-            if argument in metafunc.fixturenames:
-                metafunc.parametrize(argument, values)
+            if argument not in metafunc.fixturenames:
+                continue
+            if argument == "learner_name" and expensive and self.thorough is not None:
+                values = [name if name in self.thorough else
+                          pytest.param(name, marks=pytest.mark.large) for name in values]
+            metafunc.parametrize(argument, values)
 
     def make(self, name, model=None):
         learner = self.learners[name](small_convnet(seed=11) if model is None else model)

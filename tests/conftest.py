@@ -17,7 +17,27 @@ def pytest_addoption(parser):
     )
 
 
+# The slowest default tests (seconds of CPU each, several subprocesses), run
+# first: pytest-xdist hands tests out in collection order, and one of these
+# started last would leave the other workers idle at the end of `make test`.
+SLOW_FIRST = (
+    "tests/test_device_check.py::test_quick_check_writes_every_section_with_cpu_figures",
+    "tests/test_distributed.py::",
+    "tests/test_resume.py::test_interrupted_run_resumes_exactly",
+    "tests/test_conformance.py::TestConformance::test_adaptive_savedmodel_matches_learner_predict",
+    "tests/test_device_check.py::test_import_",
+)
+
+
+def _slow_rank(item):
+    for rank, prefix in enumerate(SLOW_FIRST):
+        if item.nodeid.startswith(prefix):
+            return rank
+    return len(SLOW_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_slow_rank)  # stable: the rest keep their order
     if config.getoption("--run-large"):
         return
     skip = pytest.mark.skip(reason="large test: run with --run-large")

@@ -41,6 +41,7 @@ import inspect
 import math
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,9 @@ PYTHON_LANGUAGES = {"python", "py", "python3"}
 # Python blocks that the test does not run, as {(file, first line of the
 # block's code): why}. Keep empty: every block of the docs runs.
 EXCLUDED = {}
+
+# Seconds each block took, `{where: s}` (for `pytest --durations` follow-ups).
+BLOCK_SECONDS = {}
 
 # Python blocks that show non-finite values on purpose (how keras_meta skips
 # and counts them), as {(file, first line of the block's code): why}. They run
@@ -336,6 +340,7 @@ def run_blocks(blocks, namespace=None):
             raise AssertionError(f"{block.where}: the python block does not parse: {error}") from error
         before = dict(namespace)
         _FINITE_CHECKS[0] = (block.path.name, block.first_line) not in NON_FINITE_SHOWN
+        started = time.perf_counter()
         try:
             exec(code, namespace)  # noqa: S102 - the docs' own code
         except Exception as error:
@@ -344,6 +349,7 @@ def run_blocks(blocks, namespace=None):
             ) from error
         finally:
             _FINITE_CHECKS[0] = True
+            BLOCK_SECONDS[block.where] = time.perf_counter() - started
         for key, value in _namespace_values(namespace, before):
             try:
                 _check_finite(value, f"{block.where}: `{key}`")

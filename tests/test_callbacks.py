@@ -196,7 +196,8 @@ def test_derivative_order_annealing_argument_check():
         km.callbacks.DerivativeOrderAnnealing(-1)
 
 
-@pytest.mark.parametrize("name", ALGORITHMS)
+@pytest.mark.parametrize("name", [  # iMAML's vectorized trace is the slowest: large
+    name if name != "imaml" else pytest.param(name, marks=pytest.mark.large) for name in ALGORITHMS])
 def test_keras_callbacks_work_with_every_learner(name, tmp_path):
     learner = _learner(name)
     evaluation = km.callbacks.MetaEvaluation(_episodes(100), num_episodes=4, prefix="meta_val")

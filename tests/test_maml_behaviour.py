@@ -45,9 +45,9 @@ def test_train_step_changes_only_trainable_weights():
 
 @pytest.mark.parametrize("first_order, task_execution", [
     (False, "sequential"),
-    (True, "vectorized"),
-    pytest.param(False, "vectorized", marks=pytest.mark.large),  # the conformance suite
-    pytest.param(True, "sequential", marks=pytest.mark.large),   # covers these too
+    pytest.param(True, "vectorized", marks=pytest.mark.large),   # the conformance suite
+    pytest.param(False, "vectorized", marks=pytest.mark.large),  # covers these too
+    pytest.param(True, "sequential", marks=pytest.mark.large),
 ])
 def test_eager_function_and_xla_train_steps_agree(first_order, task_execution):
     episode = helpers.classification_episode(meta_batch=3, dtype="float32", seed=3)

@@ -45,6 +45,8 @@ EXCEPTION_SCRIPT = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, sys.argv[2])
     import test_resume as t
+    from keras_meta.algorithms import base
+    base.AUTO_XLA_ON_CPU = False  # as the suite's autouse fixture does (compile time)
 
     reference = t._state(t._train(sys.argv[1] + "/uninterrupted"))
     try:
@@ -163,7 +165,8 @@ def cli_reference(tmp_path_factory):
 @pytest.mark.parametrize("moment", [
     "mid-epoch",  # epoch 2, after its second meta-step
     "between learner.keras and the backup",  # epoch 2's learner saved, its backup not
-    "after the last backup",  # epoch 3 backed up, the run's end (evaluation, export) not reached
+    pytest.param("after the last backup",  # epoch 3 backed up, the run's end not reached
+                 marks=pytest.mark.large),
 ])
 def test_cli_resumes_exactly_after_an_interruption(tmp_path, monkeypatch, capsys, cli_reference,
                                                    moment):
