@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_meta import _internals, inner_loop
+from keras_meta import _internals, devices, inner_loop
 from keras_meta.adaptation import Adaptation, WholeNetwork
 from keras_meta.algorithms.checks import (
     PREDICT_KEYS,
@@ -310,12 +310,13 @@ class MetaLearner(EpisodeChecks, keras.Model):
         """The `Execution` that `task_execution` resolves to."""
         tasks = self.task_execution
         if tasks == "auto":
-            # Measured on 2 CPU cores (docs/performance.md): conv4 MAML runs
-            # ~1.8x faster task by task (TensorFlow's vectorization falls back
-            # to a loop for per-task convolution filter gradients), the
+            # By device kind (`keras_meta.devices`): on CPU as measured (conv4
+            # MAML ~1.8x faster task by task, where TensorFlow's vectorizer
+            # falls back to a loop for per-task filter gradients; the
             # sinusoid MLP ~3x faster vectorized; conv4 ANIL 1.6x faster and
-            # lighter task by task (docs/anil.md).
-            tasks = "sequential" if self._has_convolutions() else "vectorized"
+            # lighter task by task, docs/performance.md), on accelerators
+            # batched, unless measured rules are in use.
+            tasks = devices.resolve(self._has_convolutions())[0]
         vectorized = tasks == "vectorized"
         return Execution(
             tasks,
@@ -362,8 +363,10 @@ class MetaLearner(EpisodeChecks, keras.Model):
         distributed = (
             tf.distribute.has_strategy() or self.distribute_strategy.num_replicas_in_sync > 1
         )
-        accelerated = any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
-        if distributed or not (accelerated or AUTO_XLA_ON_CPU and not self._has_convolutions()):
+        kind = devices.device_kind()
+        if kind == "cpu" and not AUTO_XLA_ON_CPU:
+            return False
+        if not devices.resolve(self._has_convolutions(), distributed, kind)[1]:
             return False
         return _internals.model_supports_jit(self)
 
