@@ -220,3 +220,74 @@ def measured_rules(check, min_benches=1):
             "geometric_mean_steps_per_s": best_mean,
         }
     return result
+
+
+# The measured rules the learners' "auto" choices consult (`use_measured_rules`).
+_ACTIVE_RULES = {}
+
+
+def use_measured_rules(rules):
+    """Makes the learners' `"auto"` choices follow measured rules from now on.
+
+    Learners resolve `task_execution="auto"` when they trace their steps and
+    `jit_compile="auto"` in `compile()`: call this before building them.
+
+    Args:
+        rules: a device check's output (a path or its JSON as a dict: the
+            rules are `measured_rules(check)`), a rules dict as
+            `measured_rules` returns, or `None` to go back to `DEFAULT_RULES`.
+
+    Returns:
+        The rules now in use (`{kind: {family: rule}}`; empty for the defaults).
+
+    Example:
+
+    >>> use_measured_rules({"gpu": {"conv": {"task_execution": "sequential",
+    ...                                      "jit_compile": True, "measured": True}}})["gpu"]["conv"]["task_execution"]
+    'sequential'
+    >>> use_measured_rules(None)
+    {}
+    """
+    global _ACTIVE_RULES
+    if rules is None:
+        _ACTIVE_RULES = {}
+        return {}
+    if isinstance(rules, (str, bytes)) or hasattr(rules, "__fspath__") or (
+        isinstance(rules, dict) and ("environment" in rules or "benchmarks" in rules)
+    ):
+        rules = measured_rules(rules)
+    if not isinstance(rules, dict):
+        raise ValueError(
+            "`rules` must be a device check's output (path or dict), the dict "
+            f"`measured_rules` returns, or None. Received: {type(rules).__name__}"
+        )
+    for kind, families in rules.items():
+        _check_kind(kind)
+        for family, rule in families.items():
+            if family not in ("conv", "dense"):
+                raise ValueError(f"Rule families are 'conv' and 'dense'. Received: {family!r}")
+            if rule.get("task_execution") not in TASK_EXECUTIONS or not isinstance(
+                rule.get("jit_compile"), bool
+            ):
+                raise ValueError(
+                    f"The {kind}/{family} rule needs task_execution in {TASK_EXECUTIONS} "
+                    f"and a bool jit_compile. Received: {rule!r}"
+                )
+    _ACTIVE_RULES = {kind: dict(families) for kind, families in rules.items()}
+    return active_rules()
+
+
+def active_rules():
+    """The measured rules in use (`use_measured_rules`); `{}` means `DEFAULT_RULES`."""
+    return {kind: dict(families) for kind, families in _ACTIVE_RULES.items()}
+
+
+def resolve(has_convolutions, distributed=False, kind=None):
+    """`(task_execution, jit_compile)` that `"auto"` means here, now.
+
+    On this machine's device kind (`device_kind()`, or `kind`), with the
+    rules in use (`use_measured_rules`, else `DEFAULT_RULES`).
+    """
+    kind = device_kind() if kind is None else kind
+    return (auto_task_execution(has_convolutions, kind, _ACTIVE_RULES),
+            auto_jit_compile(has_convolutions, kind, distributed, _ACTIVE_RULES))

@@ -54,6 +54,39 @@ def test_cpu_rules_are_the_learners_rules():
         assert learner.jit_compile == devices.auto_jit_compile(has_convolutions, "cpu")
 
 
+@pytest.mark.auto_xla
+def test_learners_choose_by_device_kind_and_follow_measured_rules(monkeypatch):
+    """On a GPU the learners batch tasks and use XLA; measured rules override either."""
+    import keras
+
+    conv = km.models.conv4(2, filters=4, input_shape=(8, 8, 1), seed=0)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    monkeypatch.setattr(devices, "device_kind", lambda physical_devices=None: "gpu")
+    for learner_class in (km.MAML, km.ANIL, km.IMAML):
+        learner = learner_class(conv)
+        assert learner.resolved_task_execution == "vectorized"
+        learner.compile(optimizer="sgd", loss=loss)
+        assert learner.jit_compile is True
+    try:
+        devices.use_measured_rules({"environment": {"device_kind": "gpu"}, "benchmarks": {"rows": [
+            {"bench": b, "task_execution": "sequential", "jit_compile": False,
+             "steps_per_s": {"median": 2.0}} for b in devices.CONV_BENCHES] + [
+            {"bench": b, "task_execution": "vectorized", "jit_compile": True,
+             "steps_per_s": {"median": 1.0}} for b in devices.CONV_BENCHES]}})
+        assert devices.active_rules()["gpu"]["conv"]["task_execution"] == "sequential"
+        learner = km.MAML(conv)
+        assert learner.resolved_task_execution == "sequential"
+        learner.compile(optimizer="sgd", loss=loss)
+        assert learner.jit_compile is False
+        # A rule that is not one is refused, naming what it needs.
+        with pytest.raises(ValueError, match="task_execution in"):
+            devices.use_measured_rules({"gpu": {"conv": {"task_execution": "batched",
+                                                         "jit_compile": True}}})
+    finally:
+        assert devices.use_measured_rules(None) == {}
+    assert km.MAML(conv).resolved_task_execution == "vectorized"  # the default again
+
+
 def test_accelerator_rules_follow_published_practice_and_say_unmeasured():
     for kind in ("gpu", "tpu"):
         for has_convolutions in (True, False):

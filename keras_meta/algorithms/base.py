@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_meta import _internals, inner_loop
+from keras_meta import _internals, devices, inner_loop
 from keras_meta.adaptation import Adaptation, WholeNetwork
 from keras_meta.algorithms.checks import (
     PREDICT_KEYS,
@@ -215,10 +215,26 @@ class MetaLearner(EpisodeChecks, keras.Model):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(params)
             loss, y_pred = self.task_loss(params, non_trainable, task)
+            scaled = self.scale_loss(loss)
         gradients = tape.gradient(
-            loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            scaled, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
         return {"gradients": gradients, "loss": loss, "predictions": y_pred}
+
+    def scale_loss(self, loss):
+        """The meta-loss as the compiled optimizer wants it differentiated.
+
+        Keras' own `train_step` differentiates `optimizer.scale_loss(loss)`:
+        a `keras.optimizers.LossScaleOptimizer` (which `compile` wraps around
+        the optimizer under `mixed_float16`) multiplies by its dynamic scale,
+        an optimizer's `loss_scale_factor` by that factor, and the optimizer
+        divides the gradients back before applying them. Per-task gradients
+        of a learner are scaled the same way (the mean is linear).
+        """
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is None:
+            return loss
+        return tf.cast(optimizer.scale_loss(loss), loss.dtype)
 
     # ------------------------------------------------------------------
     # The adaptation primitive, built from the hooks.
@@ -310,12 +326,13 @@ class MetaLearner(EpisodeChecks, keras.Model):
         """The `Execution` that `task_execution` resolves to."""
         tasks = self.task_execution
         if tasks == "auto":
-            # Measured on 2 CPU cores (docs/performance.md): conv4 MAML runs
-            # ~1.8x faster task by task (TensorFlow's vectorization falls back
-            # to a loop for per-task convolution filter gradients), the
+            # By device kind (`keras_meta.devices`): on CPU as measured (conv4
+            # MAML ~1.8x faster task by task, where TensorFlow's vectorizer
+            # falls back to a loop for per-task filter gradients; the
             # sinusoid MLP ~3x faster vectorized; conv4 ANIL 1.6x faster and
-            # lighter task by task (docs/anil.md).
-            tasks = "sequential" if self._has_convolutions() else "vectorized"
+            # lighter task by task, docs/performance.md), on accelerators
+            # batched, unless measured rules are in use.
+            tasks = devices.resolve(self._has_convolutions())[0]
         vectorized = tasks == "vectorized"
         return Execution(
             tasks,
@@ -362,8 +379,10 @@ class MetaLearner(EpisodeChecks, keras.Model):
         distributed = (
             tf.distribute.has_strategy() or self.distribute_strategy.num_replicas_in_sync > 1
         )
-        accelerated = any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
-        if distributed or not (accelerated or AUTO_XLA_ON_CPU and not self._has_convolutions()):
+        kind = devices.device_kind()
+        if kind == "cpu" and not AUTO_XLA_ON_CPU:
+            return False
+        if not devices.resolve(self._has_convolutions(), distributed, kind)[1]:
             return False
         return _internals.model_supports_jit(self)
 
@@ -378,8 +397,15 @@ class MetaLearner(EpisodeChecks, keras.Model):
         reaching the loss kernel: XLA would silently compute garbage, and
         TensorFlow's kernels raise an opaque error. The step then skips its
         update and `fit` raises a `ValueError` that names the label.
+
+        Under a mixed-precision policy (`mixed_bfloat16`, `mixed_float16`)
+        the network computes in half precision and the loss in float32:
+        half-precision predictions are cast first, so that the inner
+        gradients and the meta-loss do not round to 8 (or 11) bits.
         """
         loss_fn = self._inner_loss_fn()
+        if y_pred.dtype in (tf.float16, tf.bfloat16):
+            y_pred = tf.cast(y_pred, tf.float32)
         valid = None
         if _is_sparse_loss(loss_fn) and y_pred.shape[-1] is not None:
             y_true, valid = _safe_labels(y_true, y_pred.shape[-1])
@@ -499,7 +525,7 @@ class MetaLearner(EpisodeChecks, keras.Model):
                     episode,
                     keys,
                 )
-                loss = tf.reduce_mean(results["loss"])
+                loss = self.scale_loss(tf.reduce_mean(results["loss"]))
             gradients = tape.gradient(
                 loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
             )
@@ -611,7 +637,9 @@ class MetaLearner(EpisodeChecks, keras.Model):
         meta-gradient was NaN or infinite; it is added to the
         `non_finite_tasks` metric. When any replica counts one, no replica
         applies its update: the weights and the optimizer state stay as they
-        were (the step is skipped, as `optax.apply_if_finite` does).
+        were (the step is skipped, as `optax.apply_if_finite` does). A
+        `keras.optimizers.LossScaleOptimizer` gets every step: it skips the
+        non-finite ones itself and lowers its loss scale on them.
         """
         self.non_finite_tasks_tracker.update_state(non_finite_tasks)
         total = non_finite_tasks
@@ -624,6 +652,11 @@ class MetaLearner(EpisodeChecks, keras.Model):
         def apply(gradients):
             self.optimizer.apply_gradients(zip(gradients, variables))
 
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # It skips non-finite steps itself, and lowers its scale on them
+            # (skipping around it would keep an overflowing scale forever).
+            apply(gradients)
+            return
         if _internals.strategy_supports_no_merge_call():
             tf.cond(finite, lambda: apply(gradients), lambda: None)
             return

@@ -254,8 +254,9 @@ class IMAML(MetaLearner):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(fast)
             loss, y_pred = adaptation.score(state, weights=fast)
+            scaled = self.scale_loss(loss)  # (loss scaling: the solve is linear in it)
         query_gradient = tape.gradient(
-            loss, fast, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            scaled, fast, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
 
         # Meta-gradient: the implicit gradient, by CG on Hessian-vector
