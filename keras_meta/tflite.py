@@ -23,6 +23,8 @@ without the Select TF ops (Flex) delegate.
 
 import contextlib
 import os
+import shutil
+import tempfile
 
 import keras
 import numpy as np
@@ -62,9 +64,16 @@ def _conv2d_gradient(op, grad, original):
     padding = op.get_attr("padding")
     padding = padding.decode() if isinstance(padding, bytes) else padding
     static = x.shape[1:].is_fully_defined() and kernel.shape.is_fully_defined()
-    if data_format != "NHWC" or padding not in ("SAME", "VALID", "EXPLICIT") or not static:
+    dilated = list(op.get_attr("dilations")) != [1, 1, 1, 1]
+    if data_format != "NHWC" or padding not in ("SAME", "VALID", "EXPLICIT") or not static or dilated:
         return original(op, grad)
-    input_gradient = original(op, grad)[0]
+    input_gradient = tf.raw_ops.Conv2DBackpropInput(
+        input_sizes=tf.shape(x), filter=kernel, out_backprop=grad,
+        strides=op.get_attr("strides"), padding=padding,
+        explicit_paddings=op.get_attr("explicit_paddings"),
+        dilations=op.get_attr("dilations"), data_format=data_format,
+        use_cudnn_on_gpu=op.get_attr("use_cudnn_on_gpu"),
+    )
     return [input_gradient, _conv2d_filter_gradient(op, x, kernel, grad, padding)]
 
 
@@ -72,7 +81,6 @@ def _conv2d_filter_gradient(op, x, kernel, grad, padding):
     """`Conv2DBackpropFilter` as PAD, STRIDED_SLICE, CONCATENATION, BATCH_MATMUL."""
     kh, kw, channels, filters = kernel.shape
     _, sh, sw, _ = op.get_attr("strides")
-    _, dh, dw, _ = op.get_attr("dilations")
     height, width = x.shape[1], x.shape[2]
     out_h, out_w = grad.shape[1], grad.shape[2]
     if padding == "VALID":
@@ -82,10 +90,8 @@ def _conv2d_filter_gradient(op, x, kernel, grad, padding):
         pads = [tuple(explicit[2:4]), tuple(explicit[4:6])]
     else:
         pads = []
-        for size, out, stride, k, dilation in (
-            (height, out_h, sh, kh, dh), (width, out_w, sw, kw, dw)
-        ):
-            total = max((out - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+        for size, out, stride, k in ((height, out_h, sh, kh), (width, out_w, sw, kw)):
+            total = max((out - 1) * stride + k - size, 0)
             pads.append((total // 2, total - total // 2))
     padded = tf.pad(x, [[0, 0], list(pads[0]), list(pads[1]), [0, 0]])
     patches = []
@@ -93,8 +99,8 @@ def _conv2d_filter_gradient(op, x, kernel, grad, padding):
         for j in range(kw):
             patches.append(padded[
                 :,
-                i * dh: i * dh + (out_h - 1) * sh + 1: sh,
-                j * dw: j * dw + (out_w - 1) * sw + 1: sw,
+                i: i + (out_h - 1) * sh + 1: sh,
+                j: j + (out_w - 1) * sw + 1: sw,
                 :,
             ])
     # [examples * out_h * out_w, kh * kw * channels], rows (i, j, channel).
@@ -120,8 +126,8 @@ def builtin_gradients():
     builtins, instead of TensorFlow's `ReluGrad`, `TanhGrad`, `SigmoidGrad`
     and `Conv2DBackpropFilter` kernels (Select TF ops in a `.tflite` file).
     The values equal TensorFlow's gradients (`tests/test_tflite.py` checks
-    them in float64). A Conv2D that is not NHWC or whose shapes are not
-    static keeps TensorFlow's gradient. Only tracing needs the context: the
+    them in float64). A Conv2D that is not NHWC, is dilated or whose shapes
+    are not static keeps TensorFlow's gradient. Only tracing needs the context: the
     functions traced inside it keep these gradients.
     """
     from tensorflow.python.framework import ops as tf_ops  # the gradient registry
@@ -199,11 +205,13 @@ def export_tflite(learner, path, support_shape, query_shape, steps=None, quantiz
     predictions = adapt(support_x=sx, support_y=sy, query_x=qx)["predictions"]
     ```
     """
-    converter = _converter(learner, support_shape, query_shape, steps, quantize, select_tf_ops)
+    saved_model = tempfile.mkdtemp(prefix="keras_meta_tflite_")
     try:
+        converter = _converter(learner, support_shape, query_shape, steps, quantize,
+                               select_tf_ops, saved_model)
         content = converter.convert()
     except Exception as error:  # noqa: BLE001 - re-raised with what to do
-        flex = _flex_ops(str(error))
+        flex = _flex_ops(str(error)) if type(error).__name__ == "ConverterError" else []
         if flex and not select_tf_ops:
             raise ValueError(
                 f"{type(learner).__name__}'s adaptation needs TensorFlow ops that "
@@ -214,6 +222,8 @@ def export_tflite(learner, path, support_shape, query_shape, steps=None, quantiz
                 "docs/on_device.md)."
             ) from None
         raise
+    finally:
+        shutil.rmtree(saved_model, ignore_errors=True)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with open(path, "wb") as file:
@@ -221,7 +231,7 @@ def export_tflite(learner, path, support_shape, query_shape, steps=None, quantiz
     return path
 
 
-def _converter(learner, support_shape, query_shape, steps, quantize, select_tf_ops):
+def _converter(learner, support_shape, query_shape, steps, quantize, select_tf_ops, saved_model):
     from keras_meta.algorithms.base import MetaLearner
 
     if not isinstance(learner, MetaLearner):
@@ -254,13 +264,21 @@ def _converter(learner, support_shape, query_shape, steps, quantize, select_tf_o
         )
     support_y_spec = _label_spec(learner, loss, support_shape[0])
 
-    module = _AdaptationModule(learner, steps)
-    signatures = module.signatures(
+    signatures = _Signatures(learner, steps).concrete_functions(
         tf.TensorSpec(support_shape, dtype, name="support_x"),
         support_y_spec,
         tf.TensorSpec(query_shape, dtype, name="query_x"),
     )
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(signatures, module)
+    # Through a SavedModel: the converter keeps its signature keys.
+    # Variables the adaptation reads besides the model's weights (a learned
+    # step size's rates) are tracked for saving and frozen by the converter.
+    root = tf.Module()
+    root.captured = [v for f in signatures.values() for v in f.variables]
+    tf.saved_model.save(root, saved_model, signatures=signatures)
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        saved_model, signature_keys=list(signatures)
+    )
+    converter.experimental_enable_resource_variables = False
     ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if select_tf_ops:
         ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
@@ -272,11 +290,10 @@ def _converter(learner, support_shape, query_shape, steps, quantize, select_tf_o
     return converter
 
 
-class _AdaptationModule(tf.Module):
-    """The two signatures, over the learner's variables."""
+class _Signatures:
+    """The two signatures, over the learner's weights frozen as constants."""
 
     def __init__(self, learner, steps):
-        super().__init__(name="keras_meta_adaptation")
         self._learner = learner
         self._steps = steps
         # The meta-learned weights, frozen: constants of the graph (the
@@ -306,15 +323,15 @@ class _AdaptationModule(tf.Module):
         predictions, _ = model.stateless_call(params, non_trainable, x, **training_kwargs(model, False))
         return {"predictions": predictions}
 
-    def signatures(self, support_x_spec, support_y_spec, query_x_spec):
+    def concrete_functions(self, support_x_spec, support_y_spec, query_x_spec):
         adapt = tf.function(self.adapt_and_predict, autograph=False)
         predict = tf.function(self.predict, autograph=False)
         with builtin_gradients():
             adapt = adapt.get_concrete_function(
                 support_x=support_x_spec, support_y=support_y_spec, query_x=query_x_spec
             )
-        predict = predict.get_concrete_function(tf.TensorSpec(query_x_spec.shape, query_x_spec.dtype, name="x"))
-        return [adapt, predict]
+        x_spec = tf.TensorSpec(query_x_spec.shape, query_x_spec.dtype, name="x")
+        return {"adapt_and_predict": adapt, "predict": predict.get_concrete_function(x_spec)}
 
 
 def _example_shape(model):
