@@ -10,15 +10,15 @@
 - `predict(x)`: the meta-learned model without adaptation.
 
 The inner gradients are part of the file. TensorFlow's own gradients of
-ReLU (`ReluGrad`), tanh, sigmoid and of a convolution's filter
+ReLU (`ReluGrad`), ELU, tanh, sigmoid, max- and average-pooling
+(`MaxPoolGrad`, `AvgPoolGrad`) and of a convolution's filter
 (`Conv2DBackpropFilter`) have no TensorFlow Lite builtin, so while the
 adaptation is traced `builtin_gradients()` replaces them by the same
-derivatives written with builtin ops (`SELECT_V2`, `MUL`, `PAD`,
-`STRIDED_SLICE`, `CONCATENATION`, `BATCH_MATMUL`); the input gradient of a
-convolution already converts to `TRANSPOSE_CONV`. MAML and ANIL on conv4 and
-MLPs then convert to builtin ops only, and run in any TensorFlow Lite
-runtime (`tf.lite.Interpreter`, LiteRT on Android/iOS/microcontrollers)
-without the Select TF ops (Flex) delegate.
+derivatives written with builtin ops (`SELECT_V2`, `EQUAL`, `MUL`, `PAD`,
+`STRIDED_SLICE`, `CONCATENATION`, `PACK`, `BATCH_MATMUL`); the input gradient
+of a convolution already converts to `TRANSPOSE_CONV`. MAML and ANIL on conv4
+(strided or max-pooled) and MLPs then convert to builtin ops only, and run in
+any TensorFlow Lite runtime without the Select TF ops (Flex) delegate.
 """
 
 import contextlib
@@ -59,10 +59,7 @@ def _conv2d_gradient(op, grad, original):
     """Conv2D's gradients: the input's as TensorFlow writes it (it converts to
     TRANSPOSE_CONV), the filter's as one matrix product of image patches."""
     x, kernel = op.inputs
-    data_format = op.get_attr("data_format")
-    data_format = data_format.decode() if isinstance(data_format, bytes) else data_format
-    padding = op.get_attr("padding")
-    padding = padding.decode() if isinstance(padding, bytes) else padding
+    data_format, padding = _attr(op, "data_format"), _attr(op, "padding")
     static = x.shape[1:].is_fully_defined() and kernel.shape.is_fully_defined()
     dilated = list(op.get_attr("dilations")) != [1, 1, 1, 1]
     if data_format != "NHWC" or padding not in ("SAME", "VALID", "EXPLICIT") or not static or dilated:
@@ -109,25 +106,98 @@ def _conv2d_filter_gradient(op, x, kernel, grad, padding):
     return tf.reshape(products, [kh, kw, channels, filters])
 
 
+def _attr(op, name):
+    value = op.get_attr(name)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _pool_windows(op):
+    """(kh, kw) of a non-overlapping VALID NHWC pooling with static shapes, else None."""
+    ksize, strides = list(op.get_attr("ksize")), list(op.get_attr("strides"))
+    if (_attr(op, "data_format") != "NHWC" or _attr(op, "padding") != "VALID"
+            or ksize != strides or ksize[0] != 1 or ksize[3] != 1
+            or not op.inputs[0].shape[1:].is_fully_defined()):
+        return None
+    return ksize[1], ksize[2]
+
+
+def _unpool(parts, x, out_h, out_w, kh, kw):
+    """The input gradient from `parts[i][j]`, the gradient at window position
+    (i, j) of every window: interleaving reshapes, zeros where VALID pooling
+    left rows or columns out."""
+    channels = x.shape[-1]
+    rows = []
+    for row in parts:
+        # [N, out_h, out_w, kw, C] -> [N, out_h, out_w * kw, C]: columns b * kw + j.
+        rows.append(tf.reshape(tf.stack(row, axis=3), [-1, out_h, out_w * kw, channels]))
+    # [N, out_h, kh, out_w * kw, C] -> [N, out_h * kh, out_w * kw, C]: rows a * kh + i.
+    dx = tf.reshape(tf.stack(rows, axis=2), [-1, out_h * kh, out_w * kw, channels])
+    return tf.pad(dx, [[0, 0], [0, x.shape[1] - out_h * kh], [0, x.shape[2] - out_w * kw], [0, 0]])
+
+
+def _max_pool_gradient(op, grad, original):
+    """MaxPool's gradient (non-overlapping windows, VALID, NHWC) as EQUAL,
+    SELECT_V2 and reshapes: each window's gradient goes to its first maximum in
+    row-major order, where TensorFlow's `MaxPoolGrad` sends it."""
+    windows = _pool_windows(op)
+    if windows is None:
+        return original(op, grad)
+    (kh, kw), x, y = windows, op.inputs[0], op.outputs[0]
+    out_h, out_w = y.shape[1], y.shape[2]
+    taken, parts = None, []
+    for i in range(kh):
+        parts.append([])
+        for j in range(kw):
+            window = x[:, i: i + (out_h - 1) * kh + 1: kh, j: j + (out_w - 1) * kw + 1: kw, :]
+            first = tf.equal(window, y)
+            if taken is not None:
+                first = tf.logical_and(first, tf.logical_not(taken))
+            taken = first if taken is None else tf.logical_or(taken, first)
+            parts[-1].append(tf.where(first, grad, tf.zeros_like(grad)))
+    return _unpool(parts, x, out_h, out_w, kh, kw)
+
+
+def _avg_pool_gradient(op, grad, original):
+    """AvgPool's gradient (non-overlapping windows, VALID, NHWC): each window's
+    gradient shared evenly by its inputs (TensorFlow: `AvgPoolGrad`)."""
+    windows = _pool_windows(op)
+    if windows is None:
+        return original(op, grad)
+    kh, kw = windows
+    share = grad / tf.cast(kh * kw, grad.dtype)
+    return _unpool([[share] * kw] * kh, op.inputs[0], grad.shape[1], grad.shape[2], kh, kw)
+
+
+def _elu_gradient(op, grad):
+    # TensorFlow's `EluGrad`: 1 where the output is positive, output + 1 elsewhere.
+    y = op.outputs[0]
+    return tf.where(y > 0, grad, grad * (y + 1))
+
+
 _BUILTIN_GRADIENTS = {
     "Relu": lambda op, grad, original: _relu_gradient(op, grad),
     "Tanh": lambda op, grad, original: _tanh_gradient(op, grad),
     "Sigmoid": lambda op, grad, original: _sigmoid_gradient(op, grad),
     "Conv2D": _conv2d_gradient,
+    "Elu": lambda op, grad, original: _elu_gradient(op, grad),
+    "MaxPool": _max_pool_gradient,
+    "AvgPool": _avg_pool_gradient,
 }
 
 
 @contextlib.contextmanager
 def builtin_gradients():
-    """Gradients of ReLU, tanh, sigmoid and Conv2D in TensorFlow Lite builtins.
+    """Gradients of ReLU, ELU, tanh, sigmoid, pooling and Conv2D in TensorFlow Lite builtins.
 
     While the context is open, `tf.GradientTape` differentiates these ops
     with the same derivatives written in ops that TensorFlow Lite has as
-    builtins, instead of TensorFlow's `ReluGrad`, `TanhGrad`, `SigmoidGrad`
-    and `Conv2DBackpropFilter` kernels (Select TF ops in a `.tflite` file).
-    The values equal TensorFlow's gradients (`tests/test_tflite.py` checks
-    them in float64). A Conv2D that is not NHWC, is dilated or whose shapes
-    are not static keeps TensorFlow's gradient. Only tracing needs the context: the
+    builtins, instead of TensorFlow's `ReluGrad`, `EluGrad`, `TanhGrad`,
+    `SigmoidGrad`, `MaxPoolGrad`, `AvgPoolGrad` and `Conv2DBackpropFilter`
+    kernels (Select TF ops in a `.tflite` file). The values equal
+    TensorFlow's gradients (`tests/test_tflite.py` checks them in float64,
+    max-pooling's ties included). A Conv2D that is not NHWC, is dilated or
+    whose shapes are not static, and a pooling whose windows overlap or pad,
+    keep TensorFlow's gradient. Only tracing needs the context: the
     functions traced inside it keep these gradients.
     """
     from tensorflow.python.framework import ops as tf_ops  # the gradient registry
@@ -244,7 +314,7 @@ def _converter(learner, support_shape, query_shape, steps, quantize, select_tf_o
             f"`export_tflite` exports learners whose test-time prediction is "
             f"keras_meta's adaptation primitive (MAML, ANIL, iMAML and learners "
             f"built on the same hooks); {type(learner).__name__} predicts with "
-            "its own `task_predict`, which it does not know how to unroll."
+            "its own `task_predict`, which `export_tflite` cannot unroll."
         )
     loss = learner._inner_loss_fn()  # fails early, with its message, if not compiled
     learner.check_finite_weights("export")
@@ -368,7 +438,12 @@ def _check_shape(name, shape, example_shape, select_tf_ops):
     good_examples = examples is None or (
         isinstance(examples, (int, np.integer)) and not isinstance(examples, bool) and examples > 0
     )
-    if not good_examples or tuple(rest) != tuple(example_shape):
+    fits = len(rest) == len(example_shape) and all(
+        given == expected if expected is not None
+        else isinstance(given, (int, np.integer)) and given > 0
+        for given, expected in zip(rest, example_shape)
+    )
+    if not good_examples or not fits:
         raise ValueError(
             f"`{name}` must be {expected}: a positive number of examples, then "
             f"the wrapped model's input shape. Received: {name}={shape!r}"

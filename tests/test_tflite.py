@@ -31,8 +31,9 @@ def _ops(path):
     return {detail["op_name"] for detail in _interpreter(path)._get_ops_details()}
 
 
-def _conv4(filters=4):
-    model = km.models.conv4(N_WAY, filters=filters, input_shape=SHOT_SHAPE, seed=0)
+def _conv4(filters=4, downsampling="strided"):
+    model = km.models.conv4(N_WAY, filters=filters, input_shape=SHOT_SHAPE,
+                            downsampling=downsampling, seed=0)
     # Non-trivial BatchNorm affine parameters (init is 1 and 0).
     for layer in km.inner_loop.batch_norm_layers(model):
         layer.gamma.assign(np.linspace(0.5, 1.5, layer.gamma.shape[0]))
@@ -62,9 +63,9 @@ def _learner(name):
     ce = testing.sparse_ce()
     if name == "maml_conv4":
         learner = km.MAML(_conv4(), inner_learning_rate=0.4, eval_inner_steps=3)
-    elif name == "maml_conv4_support_statistics":
-        learner = km.MAML(_conv4(), inner_learning_rate=0.4, eval_inner_steps=2,
-                          transductive_batch_norm=False)
+    elif name == "maml_conv4_max_pool_support_statistics":
+        learner = km.MAML(_conv4(downsampling="max_pool"), inner_learning_rate=0.4,
+                          eval_inner_steps=2, transductive_batch_norm=False)
     elif name == "anil_conv4":
         learner = km.ANIL(_conv4(), head="head", inner_learning_rate=0.5, eval_inner_steps=5)
     elif name == "anil_conv4_16":
@@ -101,7 +102,7 @@ def _shapes(name):
     return episode["support_x"].shape[1:], episode["query_x"].shape[1:]
 
 
-FLOAT = ["maml_conv4", "maml_conv4_support_statistics", "anil_conv4", "maml_mlp", "anil_mlp",
+FLOAT = ["maml_conv4", "maml_conv4_max_pool_support_statistics", "anil_conv4", "maml_mlp", "anil_mlp",
          "imaml_mlp_momentum", "maml_mlp_learned_rates"]
 QUANTIZED = {"anil_conv4_16_dynamic_range": ("anil_conv4_16", "dynamic_range"),
              "anil_conv4_16_float16": ("anil_conv4_16", "float16")}
@@ -164,6 +165,8 @@ def test_files_use_builtin_ops_only(files):
         assert "VAR_HANDLE" not in ops and "READ_VARIABLE" not in ops, (name, ops)
     # MAML's convolution gradients: TRANSPOSE_CONV (input) and patches (filter).
     assert {"TRANSPOSE_CONV", "PAD", "STRIDED_SLICE", "BATCH_MATMUL"} <= _ops(paths["maml_conv4"])
+    assert {"MAX_POOL_2D", "EQUAL", "LOGICAL_NOT"} <= _ops(
+        paths["maml_conv4_max_pool_support_statistics"])
     # ANIL never differentiates the body: no convolution gradient at all.
     assert "TRANSPOSE_CONV" not in _ops(paths["anil_conv4"])
     runner = _interpreter(paths["maml_conv4"]).get_signature_list()
@@ -282,16 +285,17 @@ def test_export_errors(files, tmp_path):
 
 def test_ops_without_builtin_gradients_are_named(tmp_path):
     inputs = keras.Input((6, 6, 1))
-    h = keras.layers.Conv2D(2, 3, padding="same", activation="relu")(inputs)
-    h = keras.layers.MaxPooling2D(2)(h)
+    h = keras.layers.Conv2D(2, 3, padding="same", activation="selu")(inputs)
+    h = keras.layers.MaxPooling2D(2, strides=1)(h)  # overlapping windows
     outputs = keras.layers.Dense(3)(keras.layers.Flatten()(h))
     maml = km.MAML(keras.Model(inputs, outputs))
     maml.compile(optimizer="adam", loss=testing.sparse_ce())
-    with pytest.raises(ValueError, match=r"no builtin for: \['MaxPoolGrad'\].*select_tf_ops=True"):
+    with pytest.raises(ValueError, match=r"no builtin for: \['MaxPoolGrad', 'SeluGrad'\].*"
+                                         r"select_tf_ops=True"):
         km.export_tflite(maml, str(tmp_path / "x.tflite"), (3, 6, 6, 1), (3, 6, 6, 1))
 
 
-@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("activation", ["relu", "elu", "tanh", "sigmoid"])
 def test_builtin_activation_gradients_equal_tensorflow(activation):
     x = tf.constant(np.random.default_rng(0).normal(size=(4, 7)))
     x = tf.tensor_scatter_nd_update(x, [[0, 0]], [0.0])  # ReLU's kink
@@ -336,3 +340,29 @@ def test_builtin_conv2d_gradients_equal_tensorflow(strides, padding, size):
     assert "Conv2DBackpropFilter" in traced[0] and "Conv2DBackpropFilter" not in traced[1]
     np.testing.assert_allclose(got_x, want_x, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(got_k, want_k, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("pool", ["max_pool2d", "avg_pool2d"])
+@pytest.mark.parametrize("shape, size", [((2, 7, 9, 3), 2), ((2, 6, 6, 2), 3), ((1, 8, 8, 1), 2)])
+def test_builtin_pooling_gradients_equal_tensorflow(pool, shape, size):
+    # Integer inputs: windows with tied maxima (TensorFlow picks the first).
+    x = tf.constant(np.random.default_rng(size).integers(0, 3, size=shape).astype("float64"))
+    traced = []
+
+    def gradient():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = getattr(tf.nn, pool)(x, size, size, "VALID")
+            weights = tf.reshape(tf.range(tf.size(y), dtype=y.dtype), tf.shape(y))
+            loss = tf.reduce_sum(tf.sin(y + 1) * weights)
+        gradient = tape.gradient(loss, x)
+        traced.append({op.type for op in tf.compat.v1.get_default_graph().get_operations()})
+        return gradient
+
+    want = tf.function(gradient)()
+    with builtin_gradients():
+        got = tf.function(gradient)()
+    kernel = {"max_pool2d": "MaxPoolGrad", "avg_pool2d": "AvgPoolGrad"}[pool]
+    assert kernel in traced[0] and kernel not in traced[1]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert np.abs(want).max() > 0
