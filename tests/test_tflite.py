@@ -272,6 +272,17 @@ def test_export_errors(files, tmp_path):
     with pytest.raises(ValueError, match="`select_tf_ops` must be a bool"):
         km.export_tflite(maml, path, (10, 1), (10, 1), select_tf_ops="yes")
 
+    double = km.MAML(km.models.mlp(dtype="float64"))
+    double.compile(optimizer="adam", loss="mse")
+    with pytest.raises(ValueError, match="TensorFlow Lite exports float32 models.*float64"):
+        km.export_tflite(double, path, (10, 1), (10, 1))
+    broken = km.MAML(_mlp())
+    broken.compile(optimizer="adam", loss="mse")
+    broken.model.trainable_variables[0].assign(
+        np.full(broken.model.trainable_variables[0].shape, np.nan, "float32"))
+    with pytest.raises(ValueError, match="Refusing to export MAML.*NaN or infinite"):
+        km.export_tflite(broken, path, (10, 1), (10, 1))
+
     class OwnPrediction(km.MAML):
         def task_predict(self, params, non_trainable, task, steps):
             return super().task_predict(params, non_trainable, task, steps)
@@ -366,3 +377,30 @@ def test_builtin_pooling_gradients_equal_tensorflow(pool, shape, size):
     assert kernel in traced[0] and kernel not in traced[1]
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     assert np.abs(want).max() > 0
+
+
+@pytest.mark.large
+def test_on_device_omniglot_example(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    data = testing.omniglot_folder(tmp_path / "omniglot")
+    output = tmp_path / "results.json"
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "on_device_omniglot.py")
+    subprocess.run(
+        [sys.executable, script, f"--data_dir={data}", "--budget_s=5", "--clock=cpu",
+         "--filters=16", "--eval_tasks=20", "--latency_tasks=5", "--eval_inner_steps=2",
+         f"--output_dir={tmp_path / 'files'}", f"--output={output}"],
+        check=True, timeout=1200, capture_output=True,
+    )
+    results = json.loads(output.read_text())["results"]
+    files = results["files"]
+    assert set(files) == {"anil float32", "anil dynamic_range", "anil float16", "maml float32",
+                          "maml dynamic_range"}
+    # The float file predicts what the Keras learner predicts on the same tasks.
+    assert abs(files["anil float32"]["accuracy"] - results["keras_anil_accuracy"][0]) <= 1.0
+    assert files["anil dynamic_range"]["bytes"] < files["anil float32"]["bytes"]
+    assert files["anil float16"]["bytes"] < files["anil float32"]["bytes"]
+    for name, row in files.items():
+        assert row["median_latency_ms"] > 0 and 0 <= row["accuracy"] <= 100, name
