@@ -30,7 +30,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_meta.batch_norm import training_kwargs
 from keras_meta.validation import check_choice, check_positive_int
 
 QUANTIZATIONS = (None, "dynamic_range", "float16")
@@ -339,9 +338,11 @@ def _converter(learner, support_shape, query_shape, steps, quantize, select_tf_o
         support_y_spec,
         tf.TensorSpec(query_shape, dtype, name="query_x"),
     )
-    # Through a SavedModel: the converter keeps its signature keys.
-    # Variables the adaptation reads besides the model's weights (a learned
-    # step size's rates) are tracked for saving and frozen by the converter.
+    # Through a SavedModel: the converter keeps its signature keys. The
+    # variables the functions read (the meta-parameters, a learned step
+    # size's rates) are tracked for saving, and frozen into constants by the
+    # converter (no resource variables in the file: adaptation never changes
+    # the meta-learned weights).
     root = tf.Module()
     root.captured = [v for f in signatures.values() for v in f.variables]
     tf.saved_model.save(root, saved_model, signatures=signatures)
@@ -361,23 +362,15 @@ def _converter(learner, support_shape, query_shape, steps, quantize, select_tf_o
 
 
 class _Signatures:
-    """The two signatures, over the learner's weights frozen as constants."""
+    """The two signatures; the converter freezes the variables they read."""
 
     def __init__(self, learner, steps):
         self._learner = learner
         self._steps = steps
-        # The meta-learned weights, frozen: constants of the graph (the
-        # adaptation never changes them).
-        self._params = [np.array(v) for v in learner.model.trainable_variables]
-        self._non_trainable = [np.array(v) for v in learner.model.non_trainable_variables]
-
-    def _weights(self):
-        return ([tf.constant(v) for v in self._params],
-                [tf.constant(v) for v in self._non_trainable])
 
     def adapt_and_predict(self, support_x, support_y, query_x):
         learner = self._learner
-        params, non_trainable = self._weights()
+        params, non_trainable = learner._meta_state()
         task = {"support_x": support_x, "support_y": support_y, "query_x": query_x}
         # The learner's own test-time adaptation (step size, transforms,
         # BatchNorm policy, finalize), its steps unrolled: TensorFlow Lite
@@ -388,10 +381,7 @@ class _Signatures:
         return {"predictions": tf.cast(predictions, support_x.dtype)}
 
     def predict(self, x):
-        params, non_trainable = self._weights()
-        model = self._learner.model
-        predictions, _ = model.stateless_call(params, non_trainable, x, **training_kwargs(model, False))
-        return {"predictions": predictions}
+        return {"predictions": self._learner.model(x, training=False)}
 
     def concrete_functions(self, support_x_spec, support_y_spec, query_x_spec):
         adapt = tf.function(self.adapt_and_predict, autograph=False)
