@@ -30,6 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_meta import _internals
 from keras_meta.validation import check_choice, check_positive_int
 
 QUANTIZATIONS = (None, "dynamic_range", "float16")
@@ -199,19 +200,8 @@ def builtin_gradients():
     keep TensorFlow's gradient. Only tracing needs the context: the
     functions traced inside it keep these gradients.
     """
-    from tensorflow.python.framework import ops as tf_ops  # the gradient registry
-
-    registry = tf_ops.gradient_registry._registry  # noqa: SLF001
-    saved = {}
-    try:
-        for name, gradient in _BUILTIN_GRADIENTS.items():
-            entry = registry[name]
-            saved[name] = entry
-            original = entry["type"]
-            registry[name] = dict(entry, type=lambda op, grad, g=gradient, o=original: g(op, grad, o))
+    with _internals.replaced_gradients(_BUILTIN_GRADIENTS):
         yield
-    finally:
-        registry.update(saved)
 
 
 # ----------------------------------------------------------------------
