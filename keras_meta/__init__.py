@@ -11,6 +11,7 @@ _threads.configure_at_import()
 from keras_meta import callbacks, data, devices, evaluation, inner_loop, linalg, models  # noqa: E402
 from keras_meta.algorithms import ANIL, IMAML, MAML, MetaLearner  # noqa: E402
 from keras_meta.export import export_adaptive  # noqa: E402
+from keras_meta.tflite import export_tflite  # noqa: E402
 from keras_meta.threads import configure_cpu_threads  # noqa: E402
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "devices",
     "evaluation",
     "export_adaptive",
+    "export_tflite",
     "inner_loop",
     "linalg",
     "models",

@@ -26,6 +26,10 @@ degrading silently.
 - `loss_ignore_class(loss)`: `SparseCategoricalCrossentropy._fn_kwargs`.
 - `in_multi_worker_mode(strategy)`: `strategy.extended._in_multi_worker_mode()`.
 - `strategy_supports_no_merge_call()`: `tf.__internal__.distribute`.
+- `replaced_gradients(gradients)`: TensorFlow's gradient registry
+  (`tensorflow.python.framework.ops.gradient_registry._registry`), whose
+  entries `tf.GradientTape` looks up by op type; `keras_meta.tflite` writes
+  some gradients in TensorFlow Lite builtin ops while it traces.
 """
 
 import contextlib
@@ -258,3 +262,45 @@ def runtime_started():
     """
     current = _context.context_safe()
     return current is not None and getattr(current, "_context_handle", None) is not None
+
+
+# ----------------------------------------------------------------------
+# Gradient functions of TensorFlow ops.
+
+
+@contextlib.contextmanager
+def replaced_gradients(gradients):
+    """Differentiates some op types with other gradient functions while open.
+
+    `gradients` maps op types to `fn(op, grad, original)`, `original` being
+    TensorFlow's registered gradient of that op type. `tf.GradientTape` looks
+    gradients up by op type when it differentiates (eager) or traces the
+    backward pass (in a `tf.function`); no public API replaces a registered
+    gradient (`tf.RegisterGradient` refuses a name already taken, and tapes
+    ignore `Graph.gradient_override_map`). The registry is restored on exit.
+    """
+    from tensorflow.python.framework import ops as tf_ops
+
+    try:
+        registry = tf_ops.gradient_registry._registry
+        entries = {name: registry[name] for name in gradients if name in registry}
+        originals = {name: entry["type"] for name, entry in entries.items()}
+    except (AttributeError, KeyError, TypeError) as error:  # pragma: no cover - TF moved it
+        raise ImportError(
+            "keras_meta needs TensorFlow's gradient registry "
+            "(`tensorflow.python.framework.ops.gradient_registry._registry`, a "
+            "dict of {'type': function} entries by op type; TensorFlow 2.16-2.21 "
+            f"have it) to replace gradients; this TensorFlow lacks it: {error!r}"
+        ) from error
+    missing = sorted(set(gradients) - set(entries))
+    if missing:
+        raise ValueError(f"TensorFlow registers no gradient for op types {missing}")
+    try:
+        for name, gradient in gradients.items():
+            registry[name] = dict(
+                entries[name],
+                type=lambda op, *grads, g=gradient, o=originals[name]: g(op, *grads, o),
+            )
+        yield
+    finally:
+        registry.update(entries)

@@ -193,3 +193,32 @@ def test_no_other_module_touches_private_keras_or_tensorflow_names():
 def test_runtime_started_reads_tensorflows_context():
     tf.constant(1.0)  # starts the runtime if nothing had
     assert _internals.runtime_started()
+
+
+def test_replaced_gradients_apply_inside_the_context_only():
+    x = tf.constant(3.0)
+
+    def gradient():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.square(x)
+        return float(tape.gradient(y, x))
+
+    def doubled(op, grad, original):
+        return 2 * original(op, grad)
+
+    assert gradient() == 6.0
+    with _internals.replaced_gradients({"Square": doubled}):
+        assert gradient() == 12.0
+        assert float(tf.function(_traced_square_gradient)(x)) == 12.0  # traced too
+    assert gradient() == 6.0
+    with pytest.raises(ValueError, match="no gradient for op types"):
+        with _internals.replaced_gradients({"NoSuchOp": doubled}):
+            pass
+
+
+def _traced_square_gradient(x):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.square(x)
+    return tape.gradient(y, x)
