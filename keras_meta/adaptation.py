@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from keras_meta import inner_loop
 from keras_meta.batch_norm import forward
+from keras_meta.step_size import select
 
 State = collections.namedtuple(
     "State", ["fast", "optimizer_state", "cache", "step"], defaults=(0,)
@@ -206,7 +207,7 @@ class Adaptation:
                 params[position] = sets[min(step, last)][j]
             else:
                 stacked = tf.stack([values[j] for values in sets])
-                params[position] = tf.gather(stacked, tf.minimum(step, last))
+                params[position] = select(stacked, tf.minimum(step, last))
         return dict(cache, params=params)
 
     def _query_cache(self, state):

@@ -115,7 +115,14 @@ def _at_step(vector, count):
     last = int(vector.shape[0]) - 1
     if isinstance(count, int):
         return vector[min(count, last)]
-    return tf.gather(vector, tf.minimum(count, last))
+    return select(vector, tf.minimum(count, last))
+
+
+def select(stacked, index):
+    """`stacked[index]` for a scalar tensor `index`, as a one-hot product (a
+    dense gradient, where `tf.gather`'s is `IndexedSlices`)."""
+    one_hot = tf.one_hot(index, int(stacked.shape[0]), dtype=stacked.dtype)
+    return tf.tensordot(one_hot, stacked, axes=1)
 
 
 def rate_shape(kind, shape, inner_steps):

@@ -425,16 +425,17 @@ class MetaLearner(EpisodeChecks, keras.Model):
         dtype = trainable[0].dtype
         if self.learned_inner_learning_rates is not None:
             positions = self.network.adapted(list(range(len(trainable))))
-            variables = [
-                self.add_weight(
-                    shape=step_size_rules.rate_shape(
-                        self.learned_inner_learning_rates, trainable[i].shape, self.inner_steps
-                    ),
-                    dtype=dtype, name=f"inner_learning_rate_{i}",
-                    initializer=keras.initializers.Constant(self.step_size),
+            variables = []
+            for i in positions:
+                shape = step_size_rules.rate_shape(
+                    self.learned_inner_learning_rates, trainable[i].shape, self.inner_steps
                 )
-                for i in positions
-            ]
+                rate = self.add_weight(
+                    shape=shape, dtype=dtype, name=f"inner_learning_rate_{i}", initializer="zeros"
+                )
+                # (A Constant initializer would go through float32.)
+                rate.assign(np.full(shape, self.step_size, dtype=dtype))
+                variables.append(rate)
             self.learned_step_size_rule = step_size_rules.learned_rule(
                 self.learned_inner_learning_rates, variables
             )
