@@ -22,6 +22,14 @@ states. An algorithm is these hooks, each with a default (MAML's):
 
 and class attributes: `extra_train_outputs`, `batched_tape_when_vectorized`,
 `unroll_inner_loop_when_vectorized`.
+
+The meta-parameters are `meta_variables`: the wrapped model's trainable
+weights, followed by the learner's own `learned_variables` when it has any
+(learned inner rates, per-step BatchNorm weights; `build_learned_state`).
+The `params` lists the hooks receive are aligned with them, and so are the
+gradients the compiled optimizer applies; `split_meta_parameters(params)`
+separates the model's weights from the learned values, which
+`adaptation(..., learned=...)` adapts with.
 """
 
 import collections
@@ -256,7 +264,8 @@ class MetaLearner(EpisodeChecks, keras.Model):
 
         Args:
             params: list of tensors, the meta-parameters (the wrapped model's
-                trainable weights, in order).
+                trainable weights, in order, then the learned values of
+                `learned_variables`, if any).
             non_trainable: list of tensors, its non-trainable weights.
             task: dict with one task's `support_x`, `support_y`, `query_x`,
                 `query_y` (no meta-batch axis).
