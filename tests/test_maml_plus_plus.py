@@ -292,7 +292,10 @@ def _train(backup_dir, callbacks=()):
     learner = km.MetaSGD(km.models.mlp(hidden_units=(8, 8), seed=0), inner_learning_rate=0.01, inner_steps=2,
                          multi_step_loss=True, multi_step_loss_epochs=2)
     learner.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
-    episodes = km.data.sinusoid(meta_batch_size=2, seed=0, start_step=learner.optimizer.iterations)
+    # The same meta-batch every step: the resumed run cannot differ by where a
+    # stream restarts, only by what BackupAndRestore restores.
+    episode = helpers.regression_episode(meta_batch=2, k=5, q=5, features=1, dtype="float32")
+    episodes = tf.data.Dataset.from_tensors(episode).repeat()
     history = learner.fit(episodes, steps_per_epoch=2, epochs=3, verbose=0,
                           callbacks=[keras.callbacks.BackupAndRestore(backup_dir), *callbacks])
     return learner, history
