@@ -9,7 +9,7 @@ from keras_meta import threads as _threads
 # anything could start the runtime.
 _threads.configure_at_import()
 from keras_meta import callbacks, data, devices, evaluation, inner_loop, linalg, models  # noqa: E402
-from keras_meta.algorithms import ANIL, IMAML, MAML, MetaLearner  # noqa: E402
+from keras_meta.algorithms import ANIL, IMAML, MAML, MetaLearner, MetaSGD  # noqa: E402
 from keras_meta.export import export_adaptive  # noqa: E402
 from keras_meta.tflite import export_tflite  # noqa: E402
 from keras_meta.threads import configure_cpu_threads  # noqa: E402
@@ -21,6 +21,7 @@ __all__ = [
     "IMAML",
     "MAML",
     "MetaLearner",
+    "MetaSGD",
     "callbacks",
     "configure_cpu_threads",
     "data",

@@ -23,14 +23,18 @@ import tensorflow as tf
 
 from keras_meta import inner_loop
 from keras_meta.batch_norm import forward
+from keras_meta.step_size import select
 
-State = collections.namedtuple("State", ["fast", "optimizer_state", "cache"])
+State = collections.namedtuple(
+    "State", ["fast", "optimizer_state", "cache", "step"], defaults=(0,)
+)
 State.__doc__ = """One task's adaptation state.
 
 `fast`: the adapted tensors (all the trainable weights for MAML, the head's
 for ANIL). `optimizer_state`: the inner optimiser's (and its transforms')
 state, e.g. momentum and iMAML's anchor. `cache`: what the start computed
 once (the task's tensors, ANIL's features, the weights that do not adapt).
+`step`: the inner steps taken (a Python int).
 """
 
 
@@ -153,10 +157,18 @@ class Adaptation:
         finalize: `finalize(fast, start) -> fast`, applied to the fast weights
             before they are scored or exported (`start`: the fast weights the
             adaptation started from); default none.
+        step_weights: `None` (default), or `(positions, later)`: weights of
+            the network that take other values at every inner step (per-step
+            BatchNorm). `positions` index the full weights (they must not
+            adapt); `later[s - 1]` lists their values at step `s >= 1` (step
+            0 uses the start weights' own). The support pass of step `s`
+            (0-based) runs with set `s`, the query set after `s >= 1` steps
+            is scored with set `s - 1` (the set of the last step taken, as
+            MAML++ does), and steps beyond the last set reuse it.
     """
 
     def __init__(self, network, loss_fn, optimizer, support_training, query_training,
-                 unroll=True, finalize=None):
+                 unroll=True, finalize=None, step_weights=None):
         self.network = network
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -164,6 +176,7 @@ class Adaptation:
         self.query_training = query_training
         self.unroll = unroll
         self.finalize = finalize
+        self.step_weights = step_weights
 
     def replace(self, **changes):
         """A copy with some parts replaced (e.g. `optimizer`, `finalize`)."""
@@ -176,29 +189,60 @@ class Adaptation:
             params, non_trainable, task, self.support_training, self.query_training
         )
         cache["start"] = list(fast)
+        if self.step_weights is not None:
+            positions, later = self.step_weights
+            cache["step_weights"] = [[params[i] for i in positions]] + [list(s) for s in later]
         return State(list(fast), self.optimizer.init(fast), cache)
 
-    def inner_loss(self, fast, cache):
+    def at_step(self, cache, step):
+        """`cache` whose full weights hold the per-step weights of set `step`
+        (a Python int or a scalar tensor; past the last set, the last)."""
+        if self.step_weights is None:
+            return cache
+        sets = cache["step_weights"]
+        positions, last = self.step_weights[0], len(sets) - 1
+        params = list(cache["params"])
+        for j, position in enumerate(positions):
+            if isinstance(step, int):
+                params[position] = sets[min(step, last)][j]
+            else:
+                stacked = tf.stack([values[j] for values in sets])
+                params[position] = select(stacked, tf.minimum(step, last))
+        return dict(cache, params=params)
+
+    def _query_cache(self, state):
+        # The query set after `step` steps: the last step's set.
+        return self.at_step(state.cache, max(state.step - 1, 0))
+
+    def inner_loss(self, fast, cache, step=0):
         """The support loss at fast weights (the transforms add their terms' gradients)."""
+        cache = self.at_step(cache, step)
         y_pred, losses = self.network.support_outputs(fast, cache, self.support_training)
         return self.loss_fn(cache["task"]["support_y"], y_pred, losses)
 
     def advance(self, state, steps, create_graph=False):
         """`state` after `steps` more inner steps (continuable)."""
+        if self.step_weights is None:
+            loss_fn, first_step = (lambda p: self.inner_loss(p, state.cache)), None
+        else:
+            loss_fn, first_step = (lambda p, i: self.inner_loss(p, state.cache, i)), state.step
         fast, optimizer_state = inner_loop.run(
-            lambda p: self.inner_loss(p, state.cache), state.fast, steps, self.optimizer,
+            loss_fn, state.fast, steps, self.optimizer,
             state=state.optimizer_state, create_graph=create_graph, unroll=self.unroll,
+            first_step=first_step,
         )
-        return State(fast, optimizer_state, state.cache)
+        return State(fast, optimizer_state, state.cache, state.step + steps)
 
     def advance_first_order(self, state, steps):
         """`advance` whose path is a constant: the fast weights move by a shift
         through which gradients reach the start weights unchanged (first-order
-        MAML and ANIL)."""
-        constant = tf.nest.map_structure(tf.stop_gradient, state)
+        MAML and ANIL). Learned step sizes, which the optimiser holds, still
+        receive the gradient of that shift (the inner gradients being
+        constants), as in MAML++'s first-order mode."""
+        constant = State(*tf.nest.map_structure(tf.stop_gradient, tuple(state[:3])), state.step)
         end = self.advance(constant, steps)
-        fast = [s + tf.stop_gradient(e - s) for s, e in zip(state.fast, end.fast)]
-        return State(fast, end.optimizer_state, state.cache)
+        fast = [s + (e - tf.stop_gradient(s)) for s, e in zip(state.fast, end.fast)]
+        return State(fast, end.optimizer_state, state.cache, end.step)
 
     def weights(self, state):
         """The adapted fast weights as scored (after `finalize`)."""
@@ -212,7 +256,7 @@ class Adaptation:
         `weights`: the fast weights to use instead of `weights(state)`.
         """
         weights = self.weights(state) if weights is None else weights
-        return self.network.query_outputs(weights, state.cache, self.query_training)
+        return self.network.query_outputs(weights, self._query_cache(state), self.query_training)
 
     def score(self, state, weights=None):
         """`(query loss, query predictions)` at the adapted weights (or `weights`)."""
@@ -221,5 +265,5 @@ class Adaptation:
 
     def full_weights(self, state):
         """Every trainable weight of the wrapped model, adapted ones included."""
-        return self.network.full_weights(self.weights(state), state.cache)
+        return self.network.full_weights(self.weights(state), self._query_cache(state))
 

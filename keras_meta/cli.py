@@ -641,7 +641,7 @@ def _restore(learner, out, settings):
             raise UsageError(f"{path} is missing while history.csv records {len(rows)} epochs: "
                              "pass --restart to start over, or a new --output_dir.")
         return 0  # killed during the first epoch
-    learner.optimizer.build(learner.model.trainable_variables)
+    learner.optimizer.build(learner.meta_variables)
     try:
         learner.load_weights(path)
     except Exception as error:  # h5py and Keras raise several kinds

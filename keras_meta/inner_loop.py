@@ -48,7 +48,8 @@ whose gradient the transform adds (reported by `MetaLearner.support_loss`).
 """
 
 
-def run(loss_fn, params, steps, optimizer, state=None, create_graph=False, unroll=True):
+def run(loss_fn, params, steps, optimizer, state=None, create_graph=False, unroll=True,
+        first_step=None):
     """Runs `steps` steps of an inner optimiser on `loss_fn` from `params`.
 
     The one inner loop of keras_meta. Each step takes the gradient of
@@ -73,6 +74,13 @@ def run(loss_fn, params, steps, optimizer, state=None, create_graph=False, unrol
             the step in the graph. Same result; tracing time and graph memory
             no longer grow with `steps` (conv4 MAML, 40 inner steps: first
             step 12 s instead of 133 s). Eager execution always unrolls.
+        first_step: `None` (default), or the number of steps taken before
+            this run (a Python int): `loss_fn` is then called as
+            `loss_fn(params, step)` with the index of the step it computes
+            the gradient for (`first_step`, `first_step + 1`, ...; a Python
+            int when unrolled, a scalar int32 tensor inside the
+            `tf.while_loop`), for losses that change from step to step
+            (per-step BatchNorm).
 
     Returns:
         `(params, state)`: the adapted tensors and the optimiser state.
@@ -81,10 +89,10 @@ def run(loss_fn, params, steps, optimizer, state=None, create_graph=False, unrol
     if state is None:
         state = optimizer.init(params)
 
-    def step(params, state):
+    def step(params, state, index):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(params)
-            loss = loss_fn(params)
+            loss = loss_fn(params) if first_step is None else loss_fn(params, index)
         grads = tape.gradient(
             loss, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
@@ -93,13 +101,14 @@ def run(loss_fn, params, steps, optimizer, state=None, create_graph=False, unrol
         updates, state = optimizer.update(grads, state, params)
         return [p + u for p, u in zip(params, updates)], state
 
+    start = first_step or 0
     if unroll or steps <= 1 or tf.executing_eagerly():
-        for _ in range(steps):
-            params, state = step(params, state)
+        for i in range(steps):
+            params, state = step(params, state, start + i)
         return params, state
     _, params, state = tf.while_loop(
         lambda i, p, s: i < steps,
-        lambda i, p, s: (i + 1,) + step(p, s),
+        lambda i, p, s: (i + 1,) + step(p, s, i + start),
         (tf.constant(0), params, state),
         maximum_iterations=steps,
     )

@@ -14,6 +14,10 @@ LEARNERS = {
                                              inner_learning_rate_scaling="inverse_steps"),
     "maml_momentum": lambda model: km.MAML(model, inner_learning_rate=0.1, inner_steps=2,
                                            inner_optimizer={"name": "momentum", "momentum": 0.5}),
+    "maml_plus_plus": lambda model: km.MAML(  # LSLR + multi-step loss + per-step BatchNorm
+        model, inner_learning_rate=0.3, inner_steps=2, eval_inner_steps=3,
+        learned_inner_learning_rates="per_layer_per_step", multi_step_loss=True,
+        per_step_batch_norm=True),
     "anil": lambda model: km.ANIL(model, inner_learning_rate=0.3, inner_steps=2, eval_inner_steps=3),
     "anil_first_order_support_bn": lambda model: km.ANIL(
         model, head=1, inner_learning_rate=0.3, inner_steps=2, first_order=True,

@@ -84,6 +84,12 @@ class ANIL(MetaLearner):
             faster on CPU and lighter in memory, see docs/anil.md),
             vectorized otherwise.
         inner_optimizer: the head's inner optimiser, as in `km.MAML`.
+        learned_inner_learning_rates: `None`, `"per_parameter"` or
+            `"per_layer_per_step"`: learned rates of the head's weights, as
+            in `km.MAML` (the body does not adapt, so it has none).
+        multi_step_loss: MAML++'s multi-step loss on the head's inner steps,
+            as in `km.MAML`.
+        multi_step_loss_epochs: the annealing's length in epochs.
 
     Example:
 
@@ -124,6 +130,9 @@ class ANIL(MetaLearner):
         transductive_batch_norm=True,
         task_execution="auto",
         inner_optimizer="sgd",
+        learned_inner_learning_rates=None,
+        multi_step_loss=False,
+        multi_step_loss_epochs=10,
         **kwargs,
     ):
         if isinstance(model, (tuple, list)):
@@ -142,6 +151,7 @@ class ANIL(MetaLearner):
         # Plain attributes (not tracked by Keras): the parts share the wrapped
         # model's variables, which `self.model` already saves.
         self.__dict__["_parts"] = _split(self.model, head_layers, self.head)
+        self.build_learned_state()
 
     @property
     def body_model(self):

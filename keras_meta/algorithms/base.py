@@ -22,6 +22,14 @@ states. An algorithm is these hooks, each with a default (MAML's):
 
 and class attributes: `extra_train_outputs`, `batched_tape_when_vectorized`,
 `unroll_inner_loop_when_vectorized`.
+
+The meta-parameters are `meta_variables`: the wrapped model's trainable
+weights, followed by the learner's own `learned_variables` when it has any
+(learned inner rates, per-step BatchNorm weights; `build_learned_state`).
+The `params` lists the hooks receive are aligned with them, and so are the
+gradients the compiled optimizer applies; `split_meta_parameters(params)`
+separates the model's weights from the learned values, which
+`adaptation(..., learned=...)` adapts with.
 """
 
 import collections
@@ -33,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_meta import _internals, devices, inner_loop
+from keras_meta import step_size as step_size_rules
 from keras_meta.adaptation import Adaptation, WholeNetwork
 from keras_meta.algorithms.checks import (
     PREDICT_KEYS,
@@ -42,7 +51,7 @@ from keras_meta.algorithms.checks import (
     _is_sparse_loss,
     _safe_labels,
 )
-from keras_meta.batch_norm import BatchNorm, forward
+from keras_meta.batch_norm import BatchNorm, batch_norm_layers, forward
 from keras_meta.data.episodes import EPISODE_KEYS
 from keras_meta.step_size import StepSize
 from keras_meta.validation import check_bool, check_choice, check_positive_float, check_positive_int
@@ -72,8 +81,13 @@ gradients.
 _BASE_ARGUMENTS = (
     "model", "inner_learning_rate", "inner_steps", "eval_inner_steps",
     "inner_learning_rate_scaling", "transductive_batch_norm", "task_execution",
-    "inner_optimizer",
+    "inner_optimizer", "learned_inner_learning_rates", "multi_step_loss",
+    "multi_step_loss_epochs", "per_step_batch_norm",
 )
+
+# MAML++'s floor on the multi-step loss weights of the non-final steps,
+# `0.03 / inner_steps` (`get_per_step_loss_importance_vector`).
+_MSL_FLOOR = 0.03
 
 
 class MetaLearner(EpisodeChecks, keras.Model):
@@ -109,6 +123,21 @@ class MetaLearner(EpisodeChecks, keras.Model):
             `{"name": ..., **kwargs}` (e.g. `{"name": "momentum",
             "momentum": 0.5}`); see `keras_meta.inner_loop.get_inner_optimizer`.
             Differentiable: second-order MAML differentiates through it.
+        learned_inner_learning_rates: `None` (default: the fixed step size),
+            `"per_parameter"` (Meta-SGD: one learned rate per element of every
+            adapted weight) or `"per_layer_per_step"` (MAML++'s LSLR: one
+            learned scalar per adapted weight tensor and inner step); see
+            `keras_meta.step_size`. Initialised to the step size, meta-learned
+            by the compiled optimizer with the model's weights.
+        multi_step_loss: `True`: the meta-loss is MAML++'s multi-step loss,
+            the weighted sum over inner steps of the query loss after each
+            step (`multi_step_loss_weights`).
+        multi_step_loss_epochs: epochs over which the multi-step weights
+            anneal from uniform to the last step (MAML++: 10 for Omniglot).
+        per_step_batch_norm: `True`: MAML++'s per-step BatchNorm, one set of
+            BatchNorm scales and offsets per inner step (the wrapped model's
+            own for step 0, learner variables for the others), not adapted
+            by the inner loop.
         **kwargs: passed to `keras.Model` (e.g. `name`).
     """
 
@@ -136,6 +165,10 @@ class MetaLearner(EpisodeChecks, keras.Model):
         transductive_batch_norm=True,
         task_execution="auto",
         inner_optimizer="sgd",
+        learned_inner_learning_rates=None,
+        multi_step_loss=False,
+        multi_step_loss_epochs=10,
+        per_step_batch_norm=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -159,6 +192,26 @@ class MetaLearner(EpisodeChecks, keras.Model):
             "task_execution", task_execution, TASK_EXECUTIONS
         )
         self.inner_optimizer = _check_inner_optimizer(inner_optimizer)
+        self.learned_inner_learning_rates = check_choice(
+            "learned_inner_learning_rates", learned_inner_learning_rates, step_size_rules.LEARNED
+        )
+        self.multi_step_loss = check_bool("multi_step_loss", multi_step_loss)
+        self.multi_step_loss_epochs = check_positive_int(
+            "multi_step_loss_epochs", multi_step_loss_epochs
+        )
+        self.per_step_batch_norm = check_bool("per_step_batch_norm", per_step_batch_norm)
+        if self.per_step_batch_norm and not _batch_norm_positions(model):
+            raise ValueError(
+                "`per_step_batch_norm=True` needs a model with BatchNormalization "
+                f"layers that have a trainable scale or offset. Received: model "
+                f"{model.name!r} without any"
+            )
+        # Built by `build_learned_state()` (subclasses call it once their
+        # network is defined): the learned rates, per-step BatchNorm weights
+        # and the multi-step loss's epoch.
+        self.learned_step_size_rule = None
+        self._batch_norm_steps = []
+        self._epoch = None
         self.batch_norm = BatchNorm(model, self.transductive_batch_norm)
         self.pre_adaptation_loss_tracker = keras.metrics.Mean(
             name="pre_adaptation_loss"
@@ -182,8 +235,18 @@ class MetaLearner(EpisodeChecks, keras.Model):
     # What an algorithm states (see the module docstring).
 
     def build_network(self):
-        """Which weights adapt, and how the network runs at the fast weights."""
-        return WholeNetwork(self.model, self.batch_norm)
+        """Which weights adapt, and how the network runs at the fast weights.
+
+        With `per_step_batch_norm`, every weight but BatchNorm's scales and
+        offsets (which change from step to step instead).
+        """
+        if not self.per_step_batch_norm:
+            return WholeNetwork(self.model, self.batch_norm)
+        fixed = set(_batch_norm_positions(self.model))
+        count = len(self.model.trainable_variables)
+        return WholeNetwork(
+            self.model, self.batch_norm, [i for i in range(count) if i not in fixed]
+        )
 
     def inner_transforms(self, training):
         """Gradient transforms of the inner objective (`keras_meta.inner_loop`).
@@ -201,7 +264,8 @@ class MetaLearner(EpisodeChecks, keras.Model):
 
         Args:
             params: list of tensors, the meta-parameters (the wrapped model's
-                trainable weights, in order).
+                trainable weights, in order, then the learned values of
+                `learned_variables`, if any).
             non_trainable: list of tensors, its non-trainable weights.
             task: dict with one task's `support_x`, `support_y`, `query_x`,
                 `query_y` (no meta-batch axis).
@@ -246,7 +310,7 @@ class MetaLearner(EpisodeChecks, keras.Model):
             self.__dict__["_network"] = self.build_network()
         return self.__dict__["_network"]
 
-    def adaptation(self, training, support_training=None):
+    def adaptation(self, training, support_training=None, learned=None):
         """The `keras_meta.adaptation.Adaptation` of meta-training or test time.
 
         Args:
@@ -254,41 +318,100 @@ class MetaLearner(EpisodeChecks, keras.Model):
                 test-time adaptation (evaluate, predict, adapt, export).
             support_training: overrides the `training` flag of the network's
                 support calls (default: BatchNorm's convention).
+            learned: values of `learned_variables` (tensors, in order) to
+                adapt with, e.g. watched by a tape; default the variables'.
         """
         support, query = self.batch_norm.training_flags(training)
+        if learned is None:
+            learned = [tf.convert_to_tensor(v) for v in self.learned_variables]
+        rates = len(self.learned_step_size_rule.variables) if self.learned_step_size_rule else 0
+        optimizer = self.base_inner_optimizer(
+            self.learned_step_size_rule.learning_rate_of(learned[:rates])
+            if self.learned_step_size_rule else None
+        )
+        step_weights = None
+        if self.per_step_batch_norm:
+            positions = _batch_norm_positions(self.model)
+            later = learned[rates:]
+            step_weights = (positions, [later[i:i + len(positions)]
+                                        for i in range(0, len(later), len(positions))])
         return Adaptation(
             self.network,
             self.compute_task_loss,
-            inner_loop.chain(*self.inner_transforms(training), self.base_inner_optimizer()),
+            inner_loop.chain(*self.inner_transforms(training), optimizer),
             support if support_training is None else support_training,
             query,
             unroll=self.execution.unroll_inner_loop,
             finalize=self.finalize(training),
+            step_weights=step_weights,
         )
 
-    def base_inner_optimizer(self):
-        """The inner optimiser (`inner_optimizer` at the step size), no transforms."""
+    def base_inner_optimizer(self, learning_rate=None):
+        """The inner optimiser (`inner_optimizer` at the step size), no transforms.
+
+        `learning_rate`: what the optimiser takes instead of the fixed step
+        size (a learned rule's `learning_rate_of(values)`).
+        """
         return inner_loop.get_inner_optimizer(
-            self.inner_optimizer, self.step_size_rule.learning_rate
+            self.inner_optimizer,
+            self.step_size_rule.learning_rate if learning_rate is None else learning_rate,
         )
 
     def task_loss(self, params, non_trainable, task):
         """`(query loss, predictions)` after meta-training adaptation.
 
-        Differentiable in `params`: second order through every inner step,
-        or first order (`first_order = True`) through a constant shift.
+        Differentiable in `params` (the meta-parameters, learned rates
+        included): second order through every inner step, or first order
+        (`first_order = True`) through a constant shift. With
+        `multi_step_loss`, the loss is the weighted sum of the query losses
+        after each inner step (the predictions are the last step's).
         """
-        adaptation = self.adaptation(training=True)
+        params, learned = self.split_meta_parameters(params)
+        adaptation = self.adaptation(training=True, learned=learned)
         state = adaptation.start(params, non_trainable, task)
-        if self.first_order:
-            state = adaptation.advance_first_order(state, self.inner_steps)
-        else:
-            state = adaptation.advance(state, self.inner_steps, create_graph=True)
-        return adaptation.score(state)
+
+        def advance(state, steps):
+            if self.first_order:
+                return adaptation.advance_first_order(state, steps)
+            return adaptation.advance(state, steps, create_graph=True)
+
+        if not self.multi_step_loss:
+            return adaptation.score(advance(state, self.inner_steps))
+        weights = self.multi_step_loss_weights()
+        total = 0.0
+        for step in range(self.inner_steps):
+            state = advance(state, 1)
+            loss, y_pred = adaptation.score(state)
+            total = total + tf.cast(weights[step], loss.dtype) * loss
+        return total, y_pred
+
+    def multi_step_loss_weights(self, epoch=None):
+        """MAML++'s weights of the query losses after steps 1..`inner_steps`.
+
+        At epoch `e < multi_step_loss_epochs` (`E`), with `N = inner_steps`:
+        every non-final step weighs `max(1/N - e/(N E), 0.03/N)` and the last
+        `min(1/N + e (N-1)/(N E), 1 - (N-1) 0.03/N)` (uniform at epoch 0,
+        summing to 1); from epoch `E` on, the last step weighs 1 and the
+        others 0 (MAML++ then scores the last step only). Default `epoch`:
+        the current one (`fit`'s epoch index, kept in a variable).
+
+        Returns:
+            A float32 tensor `[inner_steps]`.
+        """
+        n, total = self.inner_steps, float(self.multi_step_loss_epochs)
+        if epoch is None:
+            epoch = self._epoch if self._epoch is not None else 0.0
+        epoch = tf.cast(tf.convert_to_tensor(epoch), tf.float32)
+        floor = _MSL_FLOOR / n
+        non_final = tf.maximum(1.0 / n - epoch / (n * total), floor)
+        final = tf.minimum(1.0 / n + epoch * (n - 1) / (n * total), 1.0 - (n - 1) * floor)
+        annealed = tf.concat([tf.fill([n - 1], non_final), tf.reshape(final, [1])], axis=0)
+        return tf.where(epoch < total, annealed, tf.one_hot(n - 1, n))
 
     def adaptation_path(self, params, non_trainable, task, checkpoints):
         """`[(query loss, predictions)]` after each number of test-time steps."""
-        adaptation = self.adaptation(training=False)
+        params, learned = self.split_meta_parameters(params)
+        adaptation = self.adaptation(training=False, learned=learned)
         state, done, scores = adaptation.start(params, non_trainable, task), 0, []
         for steps in checkpoints:
             state, done = adaptation.advance(state, steps - done), steps
@@ -304,9 +427,122 @@ class MetaLearner(EpisodeChecks, keras.Model):
 
     def task_predict(self, params, non_trainable, task, steps):
         """Query predictions of one task after adaptation."""
-        adaptation = self.adaptation(training=False)
+        params, learned = self.split_meta_parameters(params)
+        adaptation = self.adaptation(training=False, learned=learned)
         state = adaptation.advance(adaptation.start(params, non_trainable, task), steps)
         return {"predictions": adaptation.outputs(state)[0]}
+
+    # ------------------------------------------------------------------
+    # The learner's own meta-parameters: learned rates, per-step BatchNorm.
+
+    def build_learned_state(self):
+        """Creates the learner's own variables; subclasses call it once, at the
+        end of `__init__` (when `network` can be built).
+
+        The learned rates (`learned_inner_learning_rates`) and the per-step
+        BatchNorm weights (`per_step_batch_norm`) are trainable variables of
+        the learner, after the wrapped model's weights in `meta_variables`;
+        the multi-step loss keeps the epoch in a non-trainable one. Keras
+        tracks them: they are saved in `.keras` files and weight checkpoints
+        (`BackupAndRestore`) with the model's.
+        """
+        trainable = self.model.trainable_variables
+        dtype = trainable[0].dtype
+        if self.learned_inner_learning_rates is not None:
+            positions = self.network.adapted(list(range(len(trainable))))
+            variables = []
+            for i in positions:
+                shape = step_size_rules.rate_shape(
+                    self.learned_inner_learning_rates, trainable[i].shape, self.inner_steps
+                )
+                rate = self.add_weight(
+                    shape=shape, dtype=dtype, name=f"inner_learning_rate_{i}", initializer="zeros"
+                )
+                # (A Constant initializer would go through float32.)
+                rate.assign(np.full(shape, self.step_size, dtype=dtype))
+                variables.append(rate)
+            self.learned_step_size_rule = step_size_rules.learned_rule(
+                self.learned_inner_learning_rates, variables
+            )
+            self._rate_positions = list(positions)
+        if self.per_step_batch_norm:
+            positions = _batch_norm_positions(self.model)
+            steps = []
+            for step in range(1, self.inner_steps):
+                copies = []
+                for i in positions:
+                    copy_ = self.add_weight(
+                        shape=trainable[i].shape, dtype=dtype, initializer="zeros",
+                        name=f"batch_norm_step_{step}_{trainable[i].name}",
+                    )
+                    copy_.assign(trainable[i])
+                    copies.append(copy_)
+                steps.append(copies)
+            self._batch_norm_steps = steps
+        if self.multi_step_loss:
+            self._epoch = self.add_weight(
+                shape=(), dtype="float32", initializer="zeros", trainable=False,
+                name="multi_step_loss_epoch",
+            )
+
+    @property
+    def learned_variables(self):
+        """The learner's own trainable variables, in order: learned rates
+        (aligned with the adapted weights), then the per-step BatchNorm
+        weights of steps 1, 2, ... (each aligned with BatchNorm's scales and
+        offsets in the model's trainable weights)."""
+        rates = list(self.learned_step_size_rule.variables) if self.learned_step_size_rule else []
+        return rates + [v for step in self._batch_norm_steps for v in step]
+
+    @property
+    def meta_variables(self):
+        """Every meta-parameter: the wrapped model's trainable weights, then
+        `learned_variables`. The compiled optimizer updates these."""
+        return list(self.model.trainable_variables) + self.learned_variables
+
+    def split_meta_parameters(self, params):
+        """`(model weights, learned values)` of a list aligned with
+        `meta_variables`; learned values `None` (the variables') when
+        `params` holds the model's weights only."""
+        count = len(self.model.trainable_variables)
+        params = list(params)
+        return params[:count], (params[count:] if len(params) > count else None)
+
+    @property
+    def inner_learning_rates(self):
+        """The learned rates, aligned with `model.trainable_variables`.
+
+        A list with, for every trainable weight of the wrapped model, its
+        rate variable (the weight's shape for `"per_parameter"`,
+        `[inner_steps]` for `"per_layer_per_step"`), or `None` for a weight
+        the inner loop does not adapt (ANIL's body, per-step BatchNorm).
+        `None` without learned rates.
+        """
+        if self.learned_step_size_rule is None:
+            return None
+        rates = [None] * len(self.model.trainable_variables)
+        for position, variable in zip(self._rate_positions, self.learned_step_size_rule.variables):
+            rates[position] = variable
+        return rates
+
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
+            **kwargs):
+        # The multi-step loss reads `fit`'s epoch index from a variable, set
+        # at each epoch's start (resumed epochs included: `initial_epoch`,
+        # `BackupAndRestore`).
+        if self.multi_step_loss:
+            tracker = _EpochTracker(self._epoch)
+            if isinstance(callbacks, keras.callbacks.CallbackList):
+                tracker.set_model(self)
+                callbacks.callbacks.insert(0, tracker)
+            else:
+                callbacks = [tracker] + list(callbacks or [])
+        return super().fit(x, y, batch_size, epochs, verbose, callbacks, **kwargs)
+
+    def check_finite_weights(self, action="save", weights=None):
+        if weights is None:
+            weights = [(v.path, v) for v in self.model.weights + self.learned_variables]
+        return super().check_finite_weights(action, weights)
 
     # ------------------------------------------------------------------
     # Hyper-parameters derived from the arguments.
@@ -367,7 +603,7 @@ class MetaLearner(EpisodeChecks, keras.Model):
         if self.optimizer is not None and not self.optimizer.built:
             # Optimizer slots created now, not inside the first trace.
             with self.distribute_strategy.scope():
-                self.optimizer.build(self.model.trainable_variables)
+                self.optimizer.build(self.meta_variables)
 
     def compile_from_config(self, config):
         # Keras skips an overridden `compile()` when loading (it cannot know
@@ -469,7 +705,8 @@ class MetaLearner(EpisodeChecks, keras.Model):
 
         `training` is the `training` flag of the network's support calls.
         """
-        adaptation = self.adaptation(training=False, support_training=training)
+        params, learned = self.split_meta_parameters(params)
+        adaptation = self.adaptation(training=False, support_training=training, learned=learned)
         state = adaptation.start(params, non_trainable, {"support_x": x, "support_y": y})
         return adaptation.full_weights(adaptation.advance(state, steps, create_graph))
 
@@ -485,6 +722,7 @@ class MetaLearner(EpisodeChecks, keras.Model):
         meta-parameters' dtype.
         """
         dtype = self.model.trainable_variables[0].dtype
+        meta_parameters = len(self.meta_variables)
 
         def fn(task):
             out = task_fn(task)
@@ -494,7 +732,7 @@ class MetaLearner(EpisodeChecks, keras.Model):
             return tf.vectorized_map(fn, episode)
         spec = tf.TensorSpec(None, dtype)
         signature = {
-            key: [spec] * len(self.model.trainable_variables)
+            key: [spec] * meta_parameters
             if key == "gradients"
             else spec
             for key in keys
@@ -592,7 +830,7 @@ class MetaLearner(EpisodeChecks, keras.Model):
 
     def _build_training_state(self, data_batch):
         if self.optimizer is not None and not self.optimizer.built:
-            self.optimizer.build(self.model.trainable_variables)
+            self.optimizer.build(self.meta_variables)
         metrics = _internals.compile_metrics(self)
         if metrics is None or metrics.built:
             return
@@ -610,7 +848,7 @@ class MetaLearner(EpisodeChecks, keras.Model):
         metrics.build(y_true, y_pred)
 
     def _meta_state(self):
-        params = [tf.convert_to_tensor(v) for v in self.model.trainable_variables]
+        params = [tf.convert_to_tensor(v) for v in self.meta_variables]
         non_trainable = [
             tf.convert_to_tensor(v) for v in self.model.non_trainable_variables
         ]
@@ -647,7 +885,7 @@ class MetaLearner(EpisodeChecks, keras.Model):
         if tf.distribute.get_strategy().num_replicas_in_sync > 1 and context is not None:
             total = context.all_reduce(tf.distribute.ReduceOp.SUM, non_finite_tasks)
         finite = tf.equal(total, 0)
-        variables = self.model.trainable_variables
+        variables = self.meta_variables
 
         def apply(gradients):
             self.optimizer.apply_gradients(zip(gradients, variables))
@@ -734,6 +972,10 @@ class MetaLearner(EpisodeChecks, keras.Model):
             else ("pre_adaptation_loss",)
         )
         logs = {key: value for key, value in logs.items() if key not in unused}
+        if training and self.multi_step_loss:
+            weights = self.multi_step_loss_weights()
+            for step in range(self.inner_steps):
+                logs[f"msl_weight_step_{step + 1}"] = weights[step]
         logs.update(self._label_violation(episode))
         if _internals.in_multi_worker_mode(self.distribute_strategy):
             # Keras reduces multi-worker logs with `strategy.reduce("MEAN",
@@ -859,7 +1101,8 @@ class MetaLearner(EpisodeChecks, keras.Model):
             )
         )
         params, non_trainable = self._meta_state()
-        adaptation = self.adaptation(training=False)
+        params, learned = self.split_meta_parameters(params)
+        adaptation = self.adaptation(training=False, learned=learned)
         state = adaptation.start(
             params, non_trainable, {"support_x": support_x, "support_y": support_y}
         )
@@ -911,6 +1154,26 @@ class MetaLearner(EpisodeChecks, keras.Model):
         config = copy.deepcopy(config)  # deserialization consumes the dict
         config["model"] = keras.saving.deserialize_keras_object(config["model"])
         return cls(**config)
+
+
+class _EpochTracker(keras.callbacks.Callback):
+    """Writes `fit`'s epoch index into a variable at each epoch's start."""
+
+    def __init__(self, variable):
+        super().__init__()
+        self.variable = variable
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.variable.assign(float(epoch))
+
+
+def _batch_norm_positions(model):
+    """Positions of BatchNorm's trainable scales and offsets among
+    `model.trainable_variables`."""
+    ids = {
+        id(v) for layer in batch_norm_layers(model) for v in layer.trainable_variables
+    }
+    return [i for i, v in enumerate(model.trainable_variables) if id(v) in ids]
 
 
 def _check_model(name, model, check_outputs):

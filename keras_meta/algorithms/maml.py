@@ -1,4 +1,6 @@
-"""MAML: model-agnostic meta-learning (second order, first order, multi-step)."""
+"""MAML: model-agnostic meta-learning (second order, first order, multi-step),
+with MAML++'s options (learned per-layer per-step rates, multi-step loss,
+per-step BatchNorm) and Meta-SGD's learned per-parameter rates."""
 
 import keras
 
@@ -37,6 +39,21 @@ class MAML(MetaLearner):
         inner_optimizer: `"sgd"` (default, the paper's), `"momentum"`,
             `"adam"` or a dict `{"name": ..., **kwargs}`; second order
             differentiates through it (`keras_meta.inner_loop`).
+        learned_inner_learning_rates: `None` (default), `"per_parameter"`
+            (Meta-SGD, see `km.MetaSGD`) or `"per_layer_per_step"` (MAML++'s
+            LSLR): learned inner rates, initialised to the step size and
+            meta-learned with the weights (`learner.inner_learning_rates`).
+            With more test-time steps than `inner_steps`, LSLR reuses the
+            last step's rate.
+        multi_step_loss: MAML++'s multi-step loss (MSL): the meta-loss is
+            the weighted sum of the query losses after each inner step,
+            the weights annealing from uniform to the last step over
+            `multi_step_loss_epochs` epochs (logged as `msl_weight_step_<k>`).
+        multi_step_loss_epochs: the annealing's length in epochs.
+        per_step_batch_norm: MAML++'s per-step BatchNorm (BNWB + BNRS): a
+            set of BatchNorm scales and offsets per inner step, not adapted
+            by the inner loop. With more test-time steps than `inner_steps`,
+            the last step's set is reused.
 
     Example:
 
@@ -54,6 +71,10 @@ class MAML(MetaLearner):
         - [Finn, Abbeel, Levine, 2017](https://arxiv.org/abs/1703.03400)
         - [Ji, Yang, Liang, 2020](https://arxiv.org/abs/2002.07836)
           (multi-step MAML and the 1/N inner step size)
+        - [Antoniou, Edwards, Storkey, 2019](https://arxiv.org/abs/1810.09502)
+          (MAML++: LSLR, MSL, per-step BatchNorm; docs/maml_plus_plus.md)
+        - [Li, Zhou, Chen, Li, 2017](https://arxiv.org/abs/1707.09835)
+          (Meta-SGD)
     """
 
     def __init__(
@@ -67,7 +88,12 @@ class MAML(MetaLearner):
         transductive_batch_norm=True,
         task_execution="auto",
         inner_optimizer="sgd",
+        learned_inner_learning_rates=None,
+        multi_step_loss=False,
+        multi_step_loss_epochs=10,
+        per_step_batch_norm=False,
         **kwargs,
     ):
         super().__init__(**self.base_arguments(locals()))
         self.first_order = check_bool("first_order", first_order)
+        self.build_learned_state()
