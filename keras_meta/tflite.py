@@ -365,7 +365,9 @@ class _Signatures:
         # The learner's own test-time adaptation (step size, transforms,
         # BatchNorm policy, finalize), its steps unrolled: TensorFlow Lite
         # runs straight-line graphs best, and no gradient crosses the steps.
-        adaptation = learner.adaptation(training=False).replace(unroll=True)
+        # (Learned rates and per-step BatchNorm sets follow the model's weights.)
+        params, learned = learner.split_meta_parameters(params)
+        adaptation = learner.adaptation(training=False, learned=learned).replace(unroll=True)
         state = adaptation.advance(adaptation.start(params, non_trainable, task), self._steps)
         predictions = adaptation.outputs(state)[0]
         return {"predictions": tf.cast(predictions, support_x.dtype)}

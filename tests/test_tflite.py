@@ -45,18 +45,13 @@ def _mlp():
     return km.models.mlp(hidden_units=(40, 40), seed=0)
 
 
-class _LearnedRates:
-    """A step-size rule holding one learned rate per weight (Meta-SGD's shape)."""
-
-    def __init__(self, model):
-        self.variables = [
-            tf.Variable(np.full(v.shape, 0.01 * (i + 1), "float32")) for i, v in
-            enumerate(model.trainable_variables)
-        ]
-
-    @property
-    def learning_rate(self):
-        return list(self.variables)
+def _spread_rates(learner, seed=0):
+    """Learned rates set to distinct values (as after meta-training), so that a
+    file that used the initial rate, or one rate for all, would differ."""
+    rng = np.random.default_rng(seed)
+    for variable in learner.learned_step_size_rule.variables:
+        variable.assign(rng.uniform(0.005, 0.05, variable.shape).astype("float32"))
+    return learner
 
 
 def _learner(name):
@@ -80,9 +75,12 @@ def _learner(name):
     elif name == "imaml_mlp_momentum":
         learner = km.IMAML(_mlp(), inner_learning_rate=0.02, inner_steps=3,
                            inner_optimizer={"name": "momentum", "momentum": 0.5})
-    elif name == "maml_mlp_learned_rates":
-        learner = km.MAML(_mlp(), eval_inner_steps=2)
-        learner.step_size_rule = _LearnedRates(learner.model)
+    elif name == "meta_sgd_mlp":  # one learned rate per weight element
+        learner = _spread_rates(km.MetaSGD(_mlp(), inner_learning_rate=0.02, eval_inner_steps=2))
+    elif name == "lslr_mlp":  # one per weight and step; 3 test-time steps reuse the last rate
+        learner = _spread_rates(km.MAML(_mlp(), inner_learning_rate=0.02, inner_steps=2,
+                                        eval_inner_steps=3,
+                                        learned_inner_learning_rates="per_layer_per_step"))
     else:
         raise KeyError(name)
     learner.compile(optimizer="adam", loss=ce if "conv4" in name else "mse")
@@ -103,7 +101,7 @@ def _shapes(name):
 
 
 FLOAT = ["maml_conv4", "maml_conv4_max_pool_support_statistics", "anil_conv4", "maml_mlp", "anil_mlp",
-         "imaml_mlp_momentum", "maml_mlp_learned_rates"]
+         "imaml_mlp_momentum", "meta_sgd_mlp", "lslr_mlp"]
 QUANTIZED = {"anil_conv4_16_dynamic_range": ("anil_conv4_16", "dynamic_range"),
              "anil_conv4_16_float16": ("anil_conv4_16", "float16")}
 
