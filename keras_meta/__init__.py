@@ -9,7 +9,7 @@ from keras_meta import threads as _threads
 # anything could start the runtime.
 _threads.configure_at_import()
 from keras_meta import callbacks, data, devices, evaluation, inner_loop, linalg, models  # noqa: E402
-from keras_meta.algorithms import ANIL, IMAML, MAML, MetaLearner  # noqa: E402
+from keras_meta.algorithms import ANIL, BOIL, IMAML, MAML, MetaLearner, ProtoNet, Reptile  # noqa: E402
 from keras_meta.export import export_adaptive  # noqa: E402
 from keras_meta.threads import configure_cpu_threads  # noqa: E402
 
@@ -17,9 +17,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ANIL",
+    "BOIL",
     "IMAML",
     "MAML",
     "MetaLearner",
+    "ProtoNet",
+    "Reptile",
     "callbacks",
     "configure_cpu_threads",
     "data",

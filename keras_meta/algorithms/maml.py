@@ -3,6 +3,7 @@
 import keras
 
 from keras_meta.algorithms.base import MetaLearner
+from keras_meta.prototypes import check_head_initialization
 from keras_meta.validation import check_bool
 
 
@@ -37,6 +38,13 @@ class MAML(MetaLearner):
         inner_optimizer: `"sgd"` (default, the paper's), `"momentum"`,
             `"adam"` or a dict `{"name": ..., **kwargs}`; second order
             differentiates through it (`keras_meta.inner_loop`).
+        head_initialization: `None` (default: the inner loop starts from the
+            meta-learned head) or `"prototypes"` (Proto-MAML): each task's
+            inner loop starts from the last Dense layer `W_k = 2 c_k`,
+            `b_k = -||c_k||^2`, `c_k` the mean support feature of class `k`
+            (the features feeding that layer); the meta-gradient flows
+            through this initialisation (second order) or not
+            (`first_order=True`). See docs/prototypes.md.
 
     Example:
 
@@ -67,7 +75,9 @@ class MAML(MetaLearner):
         transductive_batch_norm=True,
         task_execution="auto",
         inner_optimizer="sgd",
+        head_initialization=None,
         **kwargs,
     ):
         super().__init__(**self.base_arguments(locals()))
         self.first_order = check_bool("first_order", first_order)
+        self.head_initialization = check_head_initialization(head_initialization, self.model)
