@@ -105,8 +105,9 @@ class ProtoNet(MetaLearner):
             `"cosine"` (`d = 1 - cos`).
         n_way: `None` (default: from each task's labels) or the number of
             classes of every task.
-        transductive_batch_norm: as in `km.MAML`.
-        task_execution: `"auto"` (default), `"vectorized"` or `"sequential"`.
+        transductive_batch_norm: BatchNorm in the backbone, as in `km.MAML`.
+        task_execution: how the tasks of a meta-batch run (`"auto"`,
+            `"vectorized"`, `"sequential"`), as in `km.MAML`.
 
     Example:
 
