@@ -88,3 +88,43 @@ def test_config_and_bad_arguments():
         km.Reptile(helpers.tanh_mlp(), use_query_in_inner_loop="yes")
     with pytest.raises(ValueError, match=r"`inner_steps` must be a positive integer"):
         km.Reptile(helpers.tanh_mlp(), inner_steps=0)
+
+
+# ----------------------------------------------------------------------
+# The learners added with Reptile (BOIL, ProtoNet, Proto-MAML) under Keras'
+# BackupAndRestore: a second run with the same backup folder resumes from the
+# saved epoch (here: the end) with the same weights and optimizer state.
+
+NEW_LEARNERS = {
+    "reptile": lambda m: km.Reptile(m, inner_learning_rate=0.3, inner_steps=2, use_query_in_inner_loop=True,
+                                    task_execution="sequential"),
+    "boil": lambda m: km.BOIL(m, inner_learning_rate=0.3, task_execution="sequential"),
+    "protonet": lambda m: km.ProtoNet(m, task_execution="sequential"),
+    "proto_maml": lambda m: km.MAML(m, inner_learning_rate=0.3, head_initialization="prototypes",
+                                    task_execution="sequential"),
+}
+
+
+# The mechanism is Keras' and the same for every learner (tests/test_callbacks.py runs it on one
+# learner per algorithm): ProtoNet by default, the others with --run-large.
+@pytest.mark.parametrize("name", [
+    name if name == "protonet" else pytest.param(name, marks=pytest.mark.large)
+    for name in sorted(NEW_LEARNERS)])
+def test_backup_and_restore_resumes(name, tmp_path):
+    episodes = tf.data.Dataset.from_tensors(
+        helpers.classification_episode(meta_batch=2, shape=(4,), dtype="float32", seed=1)).repeat()
+    runs = []
+    for _ in range(2):
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh"),
+                                  keras.layers.Dense(3)])
+        learner = NEW_LEARNERS[name](model)
+        learner.compile(optimizer=keras.optimizers.Adam(1e-2), loss=helpers.sparse_ce(), run_eagerly=True)
+        history = learner.fit(episodes, steps_per_epoch=2, epochs=2, verbose=0, callbacks=[
+            keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)])
+        runs.append((learner, len(history.history.get("loss", []))))
+    (first, trained), (second, resumed) = runs
+    assert trained == 2 and resumed == 0  # the second run restored the finished state
+    for a, b in zip(first.model.get_weights() + [np.array(v) for v in first.optimizer.variables],
+                    second.model.get_weights() + [np.array(v) for v in second.optimizer.variables]):
+        np.testing.assert_array_equal(a, b)
