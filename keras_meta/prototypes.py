@@ -71,7 +71,8 @@ def _unit(x):
     return keras.ops.normalize(x, axis=-1, order=2, epsilon=1e-12)
 
 
-def prototype_model(backbone, prototypes, distance="squared_euclidean", name="prototypical"):
+def prototype_model(backbone, prototypes, distance="squared_euclidean", input_spec=None,
+                    name="prototypical"):
     """A plain Keras model: `backbone`, then the negative distances to `prototypes`.
 
     Built from Keras' own layers and ops only (a Dense layer named
@@ -80,10 +81,14 @@ def prototype_model(backbone, prototypes, distance="squared_euclidean", name="pr
     has `W = 2 C^T`, `b = -||c_k||^2`, and `||x||^2` is subtracted, which gives
     `-||x - c_k||^2` exactly as `prototype_logits` computes it. Cosine:
     `UnitNormalization`, then `W = C^T / ||c_k||`, `b = -1`.
+
+    `input_spec`: a `tf.TensorSpec` of the inputs (`[None, ...]`); default
+    the backbone's input.
     """
     prototypes = tf.convert_to_tensor(prototypes)
-    inputs = keras.Input(batch_shape=(None,) + tuple(backbone.inputs[0].shape[1:]),
-                         dtype=backbone.inputs[0].dtype)
+    if input_spec is None:
+        input_spec = tf.TensorSpec((None,) + tuple(backbone.inputs[0].shape[1:]), backbone.inputs[0].dtype)
+    inputs = keras.Input(batch_shape=tuple(input_spec.shape), dtype=input_spec.dtype)
     features = backbone(inputs)
     if len(features.shape) > 2:
         features = keras.layers.Flatten(name="flatten_features")(features)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_meta import prototypes
+from keras_meta import export, prototypes
 from keras_meta.algorithms.base import MetaLearner
 from keras_meta.validation import check_choice, check_positive_int
 
@@ -165,7 +165,7 @@ class ProtoNet(MetaLearner):
 
     def _check_values(self, episode, finite=True):
         super()._check_values(episode, finite)
-        if self.loss is None or "support_y" not in episode:
+        if getattr(self, "loss", None) is None or "support_y" not in episode:
             return
         labels = {key: np.asarray(episode[key]) for key in ("support_y", "query_y") if key in episode}
         if not np.issubdtype(labels["support_y"].dtype, np.number) or (
@@ -179,13 +179,15 @@ class ProtoNet(MetaLearner):
             outside = [] if query is None else sorted(
                 {int(v) for v in query[task].ravel() if v >= classes}
             )
-            if missing or outside:
+            problems = ([f"no support example of class(es) {missing}"] if missing else []) + (
+                [f"query labels {outside} outside them"] if outside else []
+            )
+            if problems:
                 raise ValueError(
                     "ProtoNet needs a support example of every class of a task "
                     f"(labels 0 .. {classes - 1}, from "
                     + ("`n_way`" if self.n_way is not None else "the largest support label")
-                    + f"). Received: task {task} has no support example of class(es) "
-                    f"{missing} and query labels {outside} outside the classes"
+                    + f"). Received: task {task} has " + " and ".join(problems)
                 )
 
     # ------------------------------------------------------------------
@@ -232,7 +234,9 @@ class ProtoNet(MetaLearner):
         task = {"support_x": tf.convert_to_tensor(support_x), "support_y": tf.convert_to_tensor(support_y)}
         support_training, query_training = self.batch_norm.training_flags(False)
         _, cache = self.network.start(params, non_trainable, task, support_training, query_training)
-        return prototypes.prototype_model(backbone, cache["prototypes"], self.distance)
+        return prototypes.prototype_model(
+            backbone, cache["prototypes"], self.distance, export._input_spec(self.model)
+        )
 
     def get_config(self):
         config = super().get_config()
