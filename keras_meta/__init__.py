@@ -8,7 +8,7 @@ from keras_meta import threads as _threads
 # (`KERAS_META_CPU_THREADS=0` opts out; docs/performance.md). First, before
 # anything could start the runtime.
 _threads.configure_at_import()
-from keras_meta import callbacks, data, devices, evaluation, inner_loop, linalg, models  # noqa: E402
+from keras_meta import callbacks, data, devices, evaluation, inner_loop, linalg, models, prototypes  # noqa: E402
 from keras_meta.algorithms import ANIL, BOIL, IMAML, MAML, MetaLearner, ProtoNet, Reptile  # noqa: E402
 from keras_meta.export import export_adaptive  # noqa: E402
 from keras_meta.threads import configure_cpu_threads  # noqa: E402
@@ -32,5 +32,6 @@ __all__ = [
     "inner_loop",
     "linalg",
     "models",
+    "prototypes",
     "__version__",
 ]
