@@ -164,13 +164,19 @@ def _start(learner, task):
     return adaptation.start(params, [], {k: tf.convert_to_tensor(v) for k, v in task.items()})
 
 
-@pytest.mark.parametrize("cls", [km.MAML, km.ANIL])
-def test_initial_head_is_twice_the_prototypes_and_minus_their_squared_norms(float64, cls):
+@pytest.mark.parametrize("cls, head", [(km.MAML, None), (km.ANIL, 1), (km.ANIL, 2)])
+def test_initial_head_is_twice_the_prototypes_and_minus_their_squared_norms(float64, cls, head):
+    """MAML: the features of the layers before the last; ANIL: its cached body features, or
+    (a head of two layers) the features feeding the head's last layer."""
     model = _classifier()
-    learner = cls(model, inner_learning_rate=0.1, head_initialization="prototypes")
+    if head == 2:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, activation="tanh"),
+                                  keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)])
+    kwargs = {} if head is None else {"head": head}
+    learner = cls(model, inner_learning_rate=0.1, head_initialization="prototypes", **kwargs)
     learner.compile(loss=helpers.sparse_ce())
     task = {k: v[0] for k, v in _episode(seed=6).items()}
-    features = np.tanh(task["support_x"] @ np.array(model.layers[0].kernel) + np.array(model.layers[0].bias))
+    features = keras.Model(model.inputs, model.layers[-2].output)(task["support_x"]).numpy()
     centres = np.stack([features[task["support_y"] == k].mean(0) for k in range(3)])
     kernel, bias = _start(learner, task).fast[-2:]
     np.testing.assert_allclose(np.array(kernel), 2 * centres.T, rtol=1e-12)
