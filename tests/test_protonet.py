@@ -176,7 +176,7 @@ def test_initial_head_is_twice_the_prototypes_and_minus_their_squared_norms(floa
     learner = cls(model, inner_learning_rate=0.1, head_initialization="prototypes", **kwargs)
     learner.compile(loss=helpers.sparse_ce())
     task = {k: v[0] for k, v in _episode(seed=6).items()}
-    features = keras.Model(model.inputs, model.layers[-2].output)(task["support_x"]).numpy()
+    features = keras.Model(model.inputs[0], model.layers[-2].output)(task["support_x"]).numpy()
     centres = np.stack([features[task["support_y"] == k].mean(0) for k in range(3)])
     kernel, bias = _start(learner, task).fast[-2:]
     np.testing.assert_allclose(np.array(kernel), 2 * centres.T, rtol=1e-12)
