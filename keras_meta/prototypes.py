@@ -87,7 +87,8 @@ def prototype_model(backbone, prototypes, distance="squared_euclidean", input_sp
     """
     prototypes = tf.convert_to_tensor(prototypes)
     if input_spec is None:
-        input_spec = tf.TensorSpec((None,) + tuple(backbone.inputs[0].shape[1:]), backbone.inputs[0].dtype)
+        (spec,) = backbone.inputs
+        input_spec = tf.TensorSpec((None,) + tuple(spec.shape[1:]), spec.dtype)
     inputs = keras.Input(batch_shape=tuple(input_spec.shape), dtype=input_spec.dtype)
     features = backbone(inputs)
     if len(features.shape) > 2:
@@ -118,7 +119,10 @@ def check_head_initialization(value, model):
 
 
 def _last_dense(model):
-    layers = [layer for layer in getattr(model, "layers", []) if not isinstance(layer, keras.layers.InputLayer)]
+    layers = [
+        layer for layer in getattr(model, "layers", [])
+        if not isinstance(layer, keras.layers.InputLayer)
+    ]
     layer = layers[-1] if layers and getattr(model, "outputs", None) else None
     if (
         not isinstance(layer, keras.layers.Dense)

@@ -231,7 +231,8 @@ class ProtoNet(MetaLearner):
         """
         backbone = super().adapt(support_x, support_y, steps)  # checked, with the support moments
         params, non_trainable = self._meta_state()
-        task = {"support_x": tf.convert_to_tensor(support_x), "support_y": tf.convert_to_tensor(support_y)}
+        task = {"support_x": tf.convert_to_tensor(support_x),
+                "support_y": tf.convert_to_tensor(support_y)}
         support_training, query_training = self.batch_norm.training_flags(False)
         _, cache = self.network.start(params, non_trainable, task, support_training, query_training)
         return prototypes.prototype_model(
