@@ -8,8 +8,10 @@ from keras_meta import threads as _threads
 # (`KERAS_META_CPU_THREADS=0` opts out; docs/performance.md). First, before
 # anything could start the runtime.
 _threads.configure_at_import()
-from keras_meta import callbacks, data, devices, evaluation, inner_loop, linalg, models  # noqa: E402
-from keras_meta.algorithms import ANIL, IMAML, MAML, MetaLearner, MetaSGD  # noqa: E402
+from keras_meta import callbacks, data, devices, evaluation, inner_loop, linalg, models, prototypes  # noqa: E402
+from keras_meta.algorithms import (  # noqa: E402
+    ANIL, BOIL, IMAML, MAML, MetaLearner, MetaSGD, ProtoNet, Reptile,
+)
 from keras_meta.export import export_adaptive  # noqa: E402
 from keras_meta.tflite import export_tflite  # noqa: E402
 from keras_meta.threads import configure_cpu_threads  # noqa: E402
@@ -18,10 +20,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ANIL",
+    "BOIL",
     "IMAML",
     "MAML",
     "MetaLearner",
     "MetaSGD",
+    "ProtoNet",
+    "Reptile",
     "callbacks",
     "configure_cpu_threads",
     "data",
@@ -32,5 +37,6 @@ __all__ = [
     "inner_loop",
     "linalg",
     "models",
+    "prototypes",
     "__version__",
 ]

@@ -12,8 +12,9 @@ LEARNERS = {
     "fomaml": lambda model: km.MAML(model, inner_learning_rate=0.3, inner_steps=1, first_order=True),
     "maml_support_bn": lambda model: km.MAML(model, inner_learning_rate=0.3, transductive_batch_norm=False,
                                              inner_learning_rate_scaling="inverse_steps"),
-    "maml_momentum": lambda model: km.MAML(model, inner_learning_rate=0.1, inner_steps=2,
-                                           inner_optimizer={"name": "momentum", "momentum": 0.5}),
+    "maml_momentum_proto": lambda model: km.MAML(  # Proto-MAML, second order
+        model, inner_learning_rate=0.1, inner_steps=2,
+        inner_optimizer={"name": "momentum", "momentum": 0.5}, head_initialization="prototypes"),
     "maml_plus_plus": lambda model: km.MAML(  # LSLR + multi-step loss + per-step BatchNorm
         model, inner_learning_rate=0.3, inner_steps=2, eval_inner_steps=3,
         learned_inner_learning_rates="per_layer_per_step", multi_step_loss=True,
@@ -21,7 +22,8 @@ LEARNERS = {
     "anil": lambda model: km.ANIL(model, inner_learning_rate=0.3, inner_steps=2, eval_inner_steps=3),
     "anil_first_order_support_bn": lambda model: km.ANIL(
         model, head=1, inner_learning_rate=0.3, inner_steps=2, first_order=True,
-        head_l2_regularization=0.1, transductive_batch_norm=False, task_execution="sequential"),
+        head_l2_regularization=0.1, transductive_batch_norm=False, task_execution="sequential",
+        head_initialization="prototypes"),  # first-order Proto-MAML on ANIL
     "imaml": lambda model: km.IMAML(model, inner_learning_rate=0.3, inner_steps=3, cg_iterations=3,
                                     eval_inner_steps=4, task_execution="vectorized"),
     "imaml_official_support_bn": lambda model: km.IMAML(  # iMAML
@@ -29,6 +31,12 @@ LEARNERS = {
         cg_l2_damping=10.0, proximal_pull_back=True, eval_l2_regularization=0.0,
         inner_optimizer={"name": "momentum", "momentum": 0.5}, transductive_batch_norm=False,
         task_execution="sequential"),
+    "reptile": lambda model: km.Reptile(model, inner_learning_rate=0.3, inner_steps=2, eval_inner_steps=3,
+                                        use_query_in_inner_loop=True),
+    "boil_first_order_support_bn": lambda model: km.BOIL(
+        model, head=1, inner_learning_rate=0.3, inner_steps=2, first_order=True,
+        transductive_batch_norm=False),
+    "protonet": lambda model: km.ProtoNet(model, n_way=3),  # n_way: XLA needs it
 }
 
 # One learner per algorithm (MAML second and first order, ANIL, iMAML): the

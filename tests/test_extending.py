@@ -1,4 +1,4 @@
-"""docs/extending.md's worked example (Reptile) passes the conformance harness, and its math."""
+"""docs/extending.md's worked example (SimpleReptile) passes the conformance harness, and its math."""
 
 import keras
 import numpy as np
@@ -15,25 +15,25 @@ _NAMESPACE = {"__name__": "docs_extending"}
 exec(compile(_BLOCK.code, _BLOCK.where, "exec"), _NAMESPACE)  # noqa: S102 - the docs' own code
 
 
-def Reptile(*args, **kwargs):  # noqa: N802 - the class, as registered now
+def SimpleReptile(*args, **kwargs):  # noqa: N802 - the class, as registered now
     # tests/test_docs.py runs the same block again, which registers its own
     # class under the same name: use whichever `.keras` loading resolves to.
-    return keras.saving.get_registered_object("my_algorithms>Reptile")(*args, **kwargs)
+    return keras.saving.get_registered_object("my_algorithms>SimpleReptile")(*args, **kwargs)
 
 
 def test_the_worked_example_is_under_80_lines():
-    assert "class Reptile(km.MetaLearner)" in _BLOCK.code
+    assert "class SimpleReptile(km.MetaLearner)" in _BLOCK.code
     assert len(_BLOCK.code.splitlines()) < 80
 
 
-class TestReptile(LearnerConformance):
-    learners = {"reptile": lambda model: Reptile(model, inner_learning_rate=0.3, inner_steps=2)}
+class TestSimpleReptile(LearnerConformance):
+    learners = {"reptile": lambda model: SimpleReptile(model, inner_learning_rate=0.3, inner_steps=2)}
 
 
-def test_reptile_moves_theta_toward_the_adapted_weights(float64):
+def test_simple_reptile_moves_theta_toward_the_adapted_weights(float64):
     """SGD(1): theta <- mean over tasks of phi, phi after k plain GD steps on support."""
     episode = helpers.regression_episode(meta_batch=3, seed=2)
-    learner = Reptile(helpers.tanh_mlp(seed=3), inner_learning_rate=0.1, inner_steps=3)
+    learner = SimpleReptile(helpers.tanh_mlp(seed=3), inner_learning_rate=0.1, inner_steps=3)
     learner.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
     params = [tf.convert_to_tensor(v) for v in learner.model.trainable_variables]
     adapted = []
@@ -52,8 +52,8 @@ def test_reptile_moves_theta_toward_the_adapted_weights(float64):
                                    rtol=1e-12)
 
 
-def test_reptile_config_has_the_base_arguments():
-    learner = Reptile(helpers.tanh_mlp(), inner_learning_rate=0.2, inner_steps=4,
+def test_simple_reptile_config_has_the_base_arguments():
+    learner = SimpleReptile(helpers.tanh_mlp(), inner_learning_rate=0.2, inner_steps=4,
                       inner_optimizer={"name": "momentum", "momentum": 0.5})
     config = learner.get_config()
     assert config["inner_learning_rate"] == pytest.approx(0.2) and config["inner_steps"] == 4

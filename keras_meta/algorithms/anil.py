@@ -6,6 +6,7 @@ import numpy as np
 from keras_meta import _internals, inner_loop
 from keras_meta.adaptation import BodyHead
 from keras_meta.algorithms.base import MetaLearner
+from keras_meta.prototypes import check_head_initialization
 from keras_meta.validation import check_bool, check_non_negative_float
 
 
@@ -90,6 +91,9 @@ class ANIL(MetaLearner):
         multi_step_loss: MAML++'s multi-step loss on the head's inner steps,
             as in `km.MAML`.
         multi_step_loss_epochs: the annealing's length in epochs.
+        head_initialization: `None` (default) or `"prototypes"`: the head's
+            last Dense layer starts each task from the support prototypes
+            (Proto-MAML), as in `km.MAML`.
 
     Example:
 
@@ -133,15 +137,10 @@ class ANIL(MetaLearner):
         learned_inner_learning_rates=None,
         multi_step_loss=False,
         multi_step_loss_epochs=10,
+        head_initialization=None,
         **kwargs,
     ):
-        if isinstance(model, (tuple, list)):
-            if head is not None:
-                raise ValueError(
-                    "`head` must be None when `model` is a (body, head) pair: "
-                    f"the pair designates the head. Received: head={head!r}"
-                )
-            model, head = _compose(model), 1
+        model, head = _designated(model, head)
         super().__init__(**self.base_arguments(locals()))
         self.first_order = check_bool("first_order", first_order)
         self.head_l2_regularization = check_non_negative_float(
@@ -151,6 +150,7 @@ class ANIL(MetaLearner):
         # Plain attributes (not tracked by Keras): the parts share the wrapped
         # model's variables, which `self.model` already saves.
         self.__dict__["_parts"] = _split(self.model, head_layers, self.head)
+        self.head_initialization = check_head_initialization(head_initialization, self.model)
         self.build_learned_state()
 
     @property
@@ -181,6 +181,18 @@ class ANIL(MetaLearner):
 
 # ----------------------------------------------------------------------
 # Head designation and the body/head split.
+
+
+def _designated(model, head):
+    """`(model, head)`, a (body, head) pair composed into one model."""
+    if not isinstance(model, (tuple, list)):
+        return model, head
+    if head is not None:
+        raise ValueError(
+            "`head` must be None when `model` is a (body, head) pair: "
+            f"the pair designates the head. Received: head={head!r}"
+        )
+    return _compose(model), 1
 
 
 def _compose(pair):
@@ -272,20 +284,23 @@ def _resolve_head(model, head):
     return [by_name[name] for name in names], head if isinstance(head, str) else names
 
 
-def _split(model, head_layers, head):
-    """(body model, head model): functional models sharing `model`'s weights."""
+def _split(model, head_layers, head, learner="ANIL"):
+    """(body model, head model): functional models sharing `model`'s weights.
+
+    `learner`: the learner's name, for the errors.
+    """
     inputs = getattr(model, "inputs", None)
     outputs = getattr(model, "outputs", None) if inputs else None
     if not inputs or not outputs:
         raise ValueError(
-            "ANIL cuts the wrapped model into body and head along its layer "
+            f"{learner} cuts the wrapped model into body and head along its layer "
             f"graph, which model {model.name!r} (a subclassed "
             f"{type(model).__name__}) does not expose. Pass a Sequential or "
             "functional model, or the parts as model=(body, head)."
         )
     if len(inputs) != 1 or len(outputs) != 1:
         raise ValueError(
-            "ANIL needs a model with one input and one output. Received: "
+            f"{learner} needs a model with one input and one output. Received: "
             f"model {model.name!r} with {len(inputs)} inputs and "
             f"{len(outputs)} outputs"
         )
@@ -328,7 +343,7 @@ def _split(model, head_layers, head):
     if any(features is x for x in inputs):
         raise ValueError(
             f"{described} leaves no body: it takes the model's input "
-            "directly. ANIL needs body layers before the head (use km.MAML to "
+            f"directly. {learner} needs body layers before the head (use km.MAML to "
             "adapt every layer)."
         )
     body_model = keras.Model(inputs[0], features, name=f"{model.name}_body")
@@ -346,7 +361,7 @@ def _split(model, head_layers, head):
         if set(body_ids) & set(head_ids_):
             raise ValueError(
                 f"Model {model.name!r} shares {kind} weights between the body and "
-                f"{described}; ANIL needs separate weights for each."
+                f"{described}; {learner} needs separate weights for each."
             )
         if sorted(body_ids + head_ids_) != sorted(whole):
             raise ValueError(
@@ -355,8 +370,8 @@ def _split(model, head_layers, head):
             )
     if not head_model.trainable_variables:
         raise ValueError(
-            f"{described} has no trainable weights: ANIL adapts the "
-            "head in the inner loop."
+            f"{described} has no trainable weights: {learner} "
+            + ("adapts the head in the inner loop." if learner == "ANIL" else "meta-learns the head.")
         )
     return body_model, head_model
 

@@ -40,7 +40,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_meta import _internals, devices, inner_loop
+from keras_meta import _internals, devices, inner_loop, prototypes
 from keras_meta import step_size as step_size_rules
 from keras_meta.adaptation import Adaptation, WholeNetwork
 from keras_meta.algorithms.checks import (
@@ -307,7 +307,11 @@ class MetaLearner(EpisodeChecks, keras.Model):
     def network(self):
         """The `build_network()` of this learner (built once)."""
         if "_network" not in self.__dict__:
-            self.__dict__["_network"] = self.build_network()
+            network = self.build_network()
+            if getattr(self, "head_initialization", None) == "prototypes":
+                # Proto-MAML: the start state sets the last Dense layer.
+                network = prototypes.PrototypeHead(self, network)
+            self.__dict__["_network"] = network
         return self.__dict__["_network"]
 
     def adaptation(self, training, support_training=None, learned=None):
@@ -840,12 +844,16 @@ class MetaLearner(EpisodeChecks, keras.Model):
         episode = self._check_episode(data)
         query_y = episode["query_y"]
         y_true = keras.KerasTensor((None,) + tuple(query_y.shape[2:]), query_y.dtype)
-        y_pred = self.model.compute_output_spec(
+        y_pred = self.prediction_spec(
             keras.KerasTensor(
                 (None,) + tuple(episode["query_x"].shape[2:]), episode["query_x"].dtype
             )
         )
         metrics.build(y_true, y_pred)
+
+    def prediction_spec(self, x_spec):
+        """The `KerasTensor` of the query predictions for query inputs `x_spec`."""
+        return self.model.compute_output_spec(x_spec)
 
     def _meta_state(self):
         params = [tf.convert_to_tensor(v) for v in self.meta_variables]

@@ -5,6 +5,7 @@ per-step BatchNorm) and Meta-SGD's learned per-parameter rates."""
 import keras
 
 from keras_meta.algorithms.base import MetaLearner
+from keras_meta.prototypes import check_head_initialization
 from keras_meta.validation import check_bool
 
 
@@ -54,6 +55,13 @@ class MAML(MetaLearner):
             set of BatchNorm scales and offsets per inner step, not adapted
             by the inner loop. With more test-time steps than `inner_steps`,
             the last step's set is reused.
+        head_initialization: `None` (default: the inner loop starts from the
+            meta-learned head) or `"prototypes"` (Proto-MAML): each task's
+            inner loop starts from the last Dense layer `W_k = 2 c_k`,
+            `b_k = -||c_k||^2`, `c_k` the mean support feature of class `k`
+            (the features feeding that layer); the meta-gradient flows
+            through this initialisation (second order) or not
+            (`first_order=True`). See docs/prototypes.md.
 
     Example:
 
@@ -92,8 +100,10 @@ class MAML(MetaLearner):
         multi_step_loss=False,
         multi_step_loss_epochs=10,
         per_step_batch_norm=False,
+        head_initialization=None,
         **kwargs,
     ):
         super().__init__(**self.base_arguments(locals()))
         self.first_order = check_bool("first_order", first_order)
+        self.head_initialization = check_head_initialization(head_initialization, self.model)
         self.build_learned_state()
