@@ -1,7 +1,7 @@
 """Few-shot adaptation exported to TensorFlow Lite (`km.export_tflite`).
 
 The converted files are shared by the tests of this module (conversion
-costs seconds): `files` builds each learner once, exports it once and keeps
+costs seconds): `files` builds each learner once, exports it once (on first use) and keeps
 the learner next to its file.
 """
 
@@ -106,24 +106,32 @@ QUANTIZED = {"anil_conv4_16_dynamic_range": ("anil_conv4_16", "dynamic_range"),
              "anil_conv4_16_float16": ("anil_conv4_16", "float16")}
 
 
+class _Lazy(dict):
+    """A dict whose missing entries are made on first use (`make(key)`)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key):
+        value = self[key] = self._make(key)
+        return value
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    """`(learners, paths)`, built and exported on first use: under pytest-xdist
+    each worker converts only the files its tests read."""
     root = tmp_path_factory.mktemp("tflite")
-    learners, paths = {}, {}
-    for name in FLOAT:
-        learners[name] = _learner(name)
-        support, query = _shapes(name)
-        paths[name] = km.export_tflite(learners[name], str(root / f"{name}.tflite"), support, query)
-    for name, (base, quantize) in QUANTIZED.items():
-        if base not in learners:
-            learners[base] = _learner(base)
-            support, query = _shapes(base)
-            paths[base] = km.export_tflite(learners[base], str(root / f"{base}.tflite"),
-                                           support, query)
+    learners = _Lazy(_learner)
+
+    def export(name):
+        base, quantize = QUANTIZED.get(name, (name, None))
         support, query = _shapes(base)
-        paths[name] = km.export_tflite(learners[base], str(root / f"{name}.tflite"), support,
-                                       query, quantize=quantize)
-    return learners, paths
+        return km.export_tflite(learners[base], str(root / f"{name}.tflite"), support, query,
+                                quantize=quantize)
+
+    return learners, _Lazy(export)
 
 
 def _adapt(path, episode):
@@ -157,8 +165,8 @@ def test_predict_signature_equals_the_model(files):
 
 def test_files_use_builtin_ops_only(files):
     _, paths = files
-    for name, path in paths.items():
-        ops = _ops(path)
+    for name in [*FLOAT, *QUANTIZED]:
+        ops = _ops(paths[name])
         assert not [op for op in ops if op.startswith("Flex") or op == "CUSTOM"], (name, ops)
         assert "VAR_HANDLE" not in ops and "READ_VARIABLE" not in ops, (name, ops)
     # MAML's convolution gradients: TRANSPOSE_CONV (input) and patches (filter).
