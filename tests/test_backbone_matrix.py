@@ -58,10 +58,13 @@ def test_mini_imagenet_conv4_second_order_maml_task_by_task():
 
 
 # Vectorized second-order MAML and iMAML take 30-70 s here: in the matrix.
+# Vectorized FOMAML and ANIL (~12 s each): large too; the conformance suite
+# runs both executions on a small conv net.
 @pytest.mark.parametrize(
     "learner_name, task_execution",
     [(name, "sequential") for name in LEARNERS]
-    + [("fomaml", "vectorized"), ("anil", "vectorized")],
+    + [pytest.param("fomaml", "vectorized", marks=pytest.mark.large),
+       pytest.param("anil", "vectorized", marks=pytest.mark.large)],
 )
 def test_every_learner_on_conv4(learner_name, task_execution):
     _run(learner_name, "strided", (28, 28, 1), 32, task_execution, 1, 2)
