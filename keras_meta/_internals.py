@@ -163,6 +163,17 @@ def _verify_moments(backend_nn):
     _MOMENTS_VERIFIED.append(True)
 
 
+def verify_exact_moments():
+    """Runs the check of `exact_moments` now, once per process.
+
+    The check builds a BatchNormalization layer (variables): run inside the
+    first trace of a `tf.function`, that would make TensorFlow trace the
+    function twice. The learners call this eagerly when they are built.
+    """
+    if not _MOMENTS_VERIFIED:
+        _verify_moments(_backend_nn())
+
+
 @contextlib.contextmanager
 def exact_moments():
     """Makes Keras BatchNorm twice differentiable while the context is open.

@@ -97,6 +97,27 @@ def test_no_retracing_after_the_first_step():
     assert len(traces) == 1
 
 
+def test_a_batch_norm_network_traces_its_first_step_once(monkeypatch):
+    """The check that BatchNorm's moments go through keras_meta's exact moments
+    builds a layer (variables): run inside the first trace, it made
+    TensorFlow trace every BatchNorm learner's first step twice."""
+    from keras_meta import _internals
+
+    monkeypatch.setattr(_internals, "_MOMENTS_VERIFIED", [])  # as in a fresh process
+    maml = km.MAML(helpers.small_convnet(seed=0), inner_learning_rate=0.1)
+    maml.compile(optimizer="adam", loss=_sce())
+    traces = []
+    train_step = maml.train_step
+
+    def counting_train_step(data):
+        traces.append(1)
+        return train_step(data)
+
+    maml.train_step = counting_train_step
+    maml.train_on_batch(helpers.classification_episode(meta_batch=2, dtype="float32", seed=0))
+    assert len(traces) == 1 and _internals._MOMENTS_VERIFIED
+
+
 def _graph_nodes(concrete):
     graph_def = concrete.graph.as_graph_def()
     return len(graph_def.node) + sum(len(f.node_def) for f in graph_def.library.function)

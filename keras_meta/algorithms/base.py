@@ -174,6 +174,11 @@ class MetaLearner(EpisodeChecks, keras.Model):
         super().__init__(**kwargs)
         _check_model(type(self).__name__, model, self._check_outputs)
         self.model = model
+        if any(isinstance(layer, keras.layers.BatchNormalization)
+               for layer in _internals.sublayers(model)):
+            # The exact-moments check, eagerly now: inside the first trace
+            # it builds a layer, which made TensorFlow trace the step twice.
+            _internals.verify_exact_moments()
         self.inner_learning_rate = check_positive_float(
             "inner_learning_rate", inner_learning_rate
         )
