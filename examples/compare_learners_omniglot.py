@@ -72,23 +72,6 @@ flags.DEFINE_integer("seed", 0, "Seed of the weights and the episode streams.")
 flags.DEFINE_string("output", None, "Optional JSON file for the results.")
 
 
-class TimeBudget(keras.callbacks.Callback):
-    """Stops training once `seconds` of wall-clock (or CPU) time have passed."""
-
-    def __init__(self, seconds, clock="wall"):
-        super().__init__()
-        self.seconds = seconds
-        self.clock = time.perf_counter if clock == "wall" else time.process_time
-
-    def on_train_begin(self, logs=None):
-        self.start, self.steps = self.clock(), 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
-        if self.clock() - self.start >= self.seconds:
-            self.model.stop_training = True
-
-
 def sources():
     """(train, test) sources: the test alphabets held out, rotations as classes."""
     characters = km.data.omniglot("all", class_split={"all": 1.0}, data_dir=FLAGS.data_dir)
@@ -156,7 +139,7 @@ def main(_):
     for n_way in [int(w) for w in FLAGS.ways]:
         for name in FLAGS.learners:
             learner = make_learner(name, n_way)
-            budget = TimeBudget(FLAGS.budget_s, FLAGS.clock)
+            budget = km.callbacks.TimeBudget(FLAGS.budget_s, FLAGS.clock)
             stream = km.data.episodes(train, n_way, FLAGS.k_shot, FLAGS.q_query,
                                       FLAGS.meta_batch_size, seed=FLAGS.seed)
             start, cpu_start = time.perf_counter(), time.process_time()

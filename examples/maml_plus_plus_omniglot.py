@@ -80,23 +80,6 @@ flags.DEFINE_integer("seed", 0, "Seed of the weights and the episode streams.")
 flags.DEFINE_string("output", None, "Optional JSON file for the results.")
 
 
-class TimeBudget(keras.callbacks.Callback):
-    """Stops training once `seconds` of wall-clock (or CPU) time have passed."""
-
-    def __init__(self, seconds, clock="wall"):
-        super().__init__()
-        self.seconds = seconds
-        self.clock = time.perf_counter if clock == "wall" else time.process_time
-
-    def on_train_begin(self, logs=None):
-        self.start, self.steps = self.clock(), 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
-        if self.clock() - self.start >= self.seconds:
-            self.model.stop_training = True
-
-
 def sources():
     everything = km.data.omniglot("train", class_split={"train": 1.0}, data_dir=FLAGS.data_dir)
     names = everything.base_class_names
@@ -184,7 +167,7 @@ def main(_):
             keras.utils.set_random_seed(FLAGS.seed)
             model = km.models.conv4(FLAGS.n_way, filters=FLAGS.filters, seed=FLAGS.seed)
             learner = make_learner(name, model, transductive)
-            rate, callbacks = 1e-3, [TimeBudget(FLAGS.budget_s, FLAGS.clock)]
+            rate, callbacks = 1e-3, [km.callbacks.TimeBudget(FLAGS.budget_s, FLAGS.clock)]
             if name == "maml_pp":
                 rate = keras.optimizers.schedules.CosineDecay(
                     1e-3, decay_steps=FLAGS.meta_steps, alpha=FLAGS.min_learning_rate / 1e-3)

@@ -48,23 +48,6 @@ flags.DEFINE_string("output", None, "Optional JSON file for the results.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the episode streams.")
 
 
-class TimeBudget(keras.callbacks.Callback):
-    """Stops training once `seconds` of wall-clock (or CPU) time have passed."""
-
-    def __init__(self, seconds, clock="wall"):
-        super().__init__()
-        self.seconds = seconds
-        self.clock = time.perf_counter if clock == "wall" else time.process_time
-
-    def on_train_begin(self, logs=None):
-        self.start, self.steps = self.clock(), 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
-        if self.clock() - self.start >= self.seconds:
-            self.model.stop_training = True
-
-
 def test_tasks(source, count):
     """`count` held-out 5-way 1-shot tasks as numpy dicts (no meta-batch axis)."""
     episodes = km.data.episodes(source, 5, 1, FLAGS.q_query, 50, seed=FLAGS.seed + 2)
@@ -114,7 +97,7 @@ def main(_):
     anil = km.ANIL(model, head="head", inner_learning_rate=FLAGS.inner_learning_rate,
                    inner_steps=FLAGS.inner_steps, eval_inner_steps=FLAGS.eval_inner_steps)
     anil.compile(optimizer=keras.optimizers.Adam(1e-3), loss=ce, metrics=["accuracy"])
-    budget = TimeBudget(FLAGS.budget_s, FLAGS.clock)
+    budget = km.callbacks.TimeBudget(FLAGS.budget_s, FLAGS.clock)
     stream = km.data.episodes(train, 5, 1, FLAGS.q_query, FLAGS.meta_batch_size, seed=FLAGS.seed)
     start, cpu_start = time.perf_counter(), time.process_time()
     anil.fit(stream, epochs=1, steps_per_epoch=10**6, verbose=0, callbacks=[budget])

@@ -14,6 +14,8 @@ validation). Give `MetaEvaluation` a prefix starting with `val` (e.g.
 validation of a run logged by `CSVLogger`.
 """
 
+import time
+
 import keras
 import numpy as np
 
@@ -280,6 +282,35 @@ def plot_adaptation_curves(curves, path, title=None):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training once `seconds` of wall-clock (or CPU) time have passed.
+
+    For comparisons at equal time: `clock="cpu"` counts the process's CPU
+    time, fairer on a machine shared with other work. `steps` counts the
+    meta-steps trained.
+
+    Args:
+        seconds: the budget.
+        clock: `"wall"` (default) or `"cpu"`.
+    """
+
+    def __init__(self, seconds, clock="wall"):
+        super().__init__()
+        if clock not in ("wall", "cpu"):
+            raise ValueError(f"`clock` must be 'wall' or 'cpu'. Received: clock={clock!r}")
+        self.seconds = seconds
+        self.clock = time.perf_counter if clock == "wall" else time.process_time
+        self.steps = 0
+
+    def on_train_begin(self, logs=None):
+        self.start, self.steps = self.clock(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if self.clock() - self.start >= self.seconds:
+            self.model.stop_training = True
 
 
 @keras.saving.register_keras_serializable(package="keras_meta")

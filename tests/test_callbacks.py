@@ -248,3 +248,14 @@ def test_keras_callbacks_work_with_every_learner(name, tmp_path):
     history = learner.fit(stream, steps_per_epoch=5, epochs=3,
                           callbacks=[keras.callbacks.TerminateOnNaN()], verbose=0)
     assert learner.stop_training and len(history.history["loss"]) == 1
+
+
+def test_time_budget_stops_fit_and_counts_the_steps():
+    maml = km.MAML(km.models.mlp(seed=0), inner_learning_rate=0.01)
+    maml.compile(optimizer="sgd", loss="mse")
+    budget = km.callbacks.TimeBudget(0.0, clock="cpu")  # spent after the first step
+    maml.fit(km.data.sinusoid(meta_batch_size=2, seed=0), steps_per_epoch=50, epochs=3,
+             callbacks=[budget], verbose=0)
+    assert budget.steps == 1 and int(maml.optimizer.iterations) == 1
+    with pytest.raises(ValueError, match="`clock` must be 'wall' or 'cpu'"):
+        km.callbacks.TimeBudget(10, clock="gpu")
