@@ -77,6 +77,11 @@ flags.DEFINE_integer("eval_tasks", 600, "Test tasks in the report.")
 flags.DEFINE_integer("eval_batch_size", 50, "Tasks per evaluation meta-batch.")
 flags.DEFINE_integer("adapt_check_tasks", 10, "Tasks checked against real adapt() models.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the episode streams.")
+flags.DEFINE_bool("equal_budget", False, "Train maml_pp first; then each other learner "
+                  "trains for maml_pp's time (--clock) and is scored twice: at maml_pp's number "
+                  "of meta-steps (a snapshot of the same run) and at the end of the budget.")
+flags.DEFINE_integer("intra_op_threads", 0, "n > 0: km.configure_cpu_threads(intra_op=n) "
+                     "(one thread per kernel for n = 1; two runs side by side on 2 cores).")
 flags.DEFINE_string("output", None, "Optional JSON file for the results.")
 
 
@@ -152,7 +157,31 @@ def summary(accuracy):
     return mean, interval
 
 
+class Snapshot(keras.callbacks.Callback):
+    """The learner's weights after `step` meta-steps (`None` if it stopped earlier)."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step, self.count, self.weights = step, 0, None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.count += 1
+        if self.count == self.step:
+            self.weights = self.model.get_weights()
+
+
+def score(learner, transductive, eval_episodes, steps):
+    """(learner's accuracy, adapt()'s accuracy, tasks checked against real adapt() models)."""
+    own = summary(accuracies(learner, eval_episodes, steps))
+    twin = learner if not transductive else support_statistics_twin(learner)
+    checked = check_adapt(learner, twin, eval_episodes[0], FLAGS.eval_inner_steps)
+    plain = own if twin is learner else summary(accuracies(twin, eval_episodes, steps))
+    return own, plain, checked
+
+
 def main(_):
+    if FLAGS.intra_op_threads > 0:
+        km.configure_cpu_threads(intra_op=FLAGS.intra_op_threads)
     tf.get_logger().setLevel("ERROR")
     train, test, alphabets = sources()
     print(f"alphabets: {alphabets}; test: {FLAGS.test_alphabets}\ntrain: {train}\ntest: {test}")
@@ -160,14 +189,24 @@ def main(_):
     eval_episodes = list(km.data.episodes(
         test, FLAGS.n_way, FLAGS.k_shot, FLAGS.eval_q_query, FLAGS.eval_batch_size,
         seed=FLAGS.seed + 2).take(-(-FLAGS.eval_tasks // FLAGS.eval_batch_size)))
-    epochs = -(-FLAGS.meta_steps // FLAGS.steps_per_epoch)
+    learners = list(FLAGS.learners)
+    if FLAGS.equal_budget:
+        if "maml_pp" not in learners:
+            raise app.UsageError("--equal_budget measures the budget of maml_pp: add it to --learners")
+        learners = ["maml_pp"] + [name for name in learners if name != "maml_pp"]
     report = []
     for transductive in [t.lower() == "true" for t in FLAGS.transductive]:
-        for name in FLAGS.learners:
+        reference = None  # maml_pp's (seconds by --clock, meta-steps) under --equal_budget
+        for name in learners:
             keras.utils.set_random_seed(FLAGS.seed)
             model = km.models.conv4(FLAGS.n_way, filters=FLAGS.filters, seed=FLAGS.seed)
             learner = make_learner(name, model, transductive)
-            rate, callbacks = 1e-3, [km.callbacks.TimeBudget(FLAGS.budget_s, FLAGS.clock)]
+            meta_steps, budget_s = FLAGS.meta_steps, FLAGS.budget_s
+            if reference is not None:
+                budget_s, meta_steps = reference[0], 1000 * FLAGS.meta_steps
+            timer = km.callbacks.TimeBudget(budget_s, FLAGS.clock)
+            snapshot = Snapshot(reference[1] if reference is not None else 0)
+            rate, callbacks = 1e-3, [timer, snapshot]
             if name == "maml_pp":
                 rate = keras.optimizers.schedules.CosineDecay(
                     1e-3, decay_steps=FLAGS.meta_steps, alpha=FLAGS.min_learning_rate / 1e-3)
@@ -178,26 +217,32 @@ def main(_):
             stream = km.data.episodes(train, FLAGS.n_way, FLAGS.k_shot, FLAGS.q_query,
                                       FLAGS.meta_batch_size, seed=FLAGS.seed)
             start, cpu_start = time.perf_counter(), time.process_time()
-            learner.fit(stream, epochs=epochs, steps_per_epoch=FLAGS.steps_per_epoch, verbose=0,
-                        callbacks=callbacks)
+            learner.fit(stream, epochs=-(-meta_steps // FLAGS.steps_per_epoch),
+                        steps_per_epoch=FLAGS.steps_per_epoch, verbose=0, callbacks=callbacks)
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-            own = summary(accuracies(learner, eval_episodes, steps))
-            twin = learner if not transductive else support_statistics_twin(learner)
-            checked = check_adapt(learner, twin, eval_episodes[0], FLAGS.eval_inner_steps)
-            plain = own if twin is learner else summary(accuracies(twin, eval_episodes, steps))
-            row = {"learner": name, "transductive_batch_norm": transductive,
-                   "meta_steps": callbacks[0].steps, "train_seconds": seconds,
-                   "train_cpu_seconds": cpu_seconds, "steps": steps,
-                   "learner_accuracy": own[0].tolist(), "learner_interval": own[1].tolist(),
-                   "adapt_accuracy": plain[0].tolist(), "adapt_interval": plain[1].tolist(),
-                   "adapt_checked_tasks": checked, "tasks": FLAGS.eval_tasks}
-            report.append(row)
-            print(f"{name} (transductive={transductive}): {row['meta_steps']} meta-steps in "
-                  f"{seconds:.0f} s ({cpu_seconds:.0f} CPU s)", flush=True)
-            for label, (mean, interval) in (("learner", own), ("adapt()", plain)):
-                print(f"  {label:8s} " + ", ".join(
-                    f"{s} steps {100 * m:.2f} +- {100 * c:.2f}"
-                    for s, m, c in zip(steps, mean, interval)), flush=True)
+            if FLAGS.equal_budget and name == "maml_pp":
+                reference = (cpu_seconds if FLAGS.clock == "cpu" else seconds, timer.steps)
+            scored = [("time" if reference is not None and name != "maml_pp" else "meta-steps",
+                       timer.steps, learner.get_weights())]
+            if snapshot.weights is not None:
+                scored.insert(0, ("meta-steps", snapshot.step, snapshot.weights))
+            for budget, trained, weights in scored:
+                learner.set_weights(weights)
+                own, plain, checked = score(learner, transductive, eval_episodes, steps)
+                row = {"learner": name, "transductive_batch_norm": transductive,
+                       "equal": budget, "meta_steps": trained, "train_seconds": seconds,
+                       "train_cpu_seconds": cpu_seconds, "steps": steps,
+                       "learner_accuracy": own[0].tolist(), "learner_interval": own[1].tolist(),
+                       "adapt_accuracy": plain[0].tolist(), "adapt_interval": plain[1].tolist(),
+                       "adapt_checked_tasks": checked, "tasks": FLAGS.eval_tasks}
+                report.append(row)
+                print(f"{name} (transductive={transductive}, equal {budget}): {trained} "
+                      f"meta-steps; the run: {timer.steps} in {seconds:.0f} s "
+                      f"({cpu_seconds:.0f} CPU s)", flush=True)
+                for label, (mean, interval) in (("learner", own), ("adapt()", plain)):
+                    print(f"  {label:8s} " + ", ".join(
+                        f"{s} steps {100 * m:.2f} +- {100 * c:.2f}"
+                        for s, m, c in zip(steps, mean, interval)), flush=True)
     if FLAGS.output:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
         with open(FLAGS.output, "w") as f:
@@ -210,6 +255,7 @@ _OWN_FLAGS = (
     "filters", "meta_steps", "budget_s", "clock", "steps_per_epoch", "learners", "transductive",
     "maml_steps", "maml_lr", "maml_pp_steps", "maml_pp_lr", "msl_epochs", "da_epochs",
     "min_learning_rate", "eval_inner_steps", "eval_tasks", "eval_batch_size", "seed",
+    "equal_budget", "intra_op_threads",
 )
 
 if __name__ == "__main__":

@@ -12,7 +12,13 @@ while a block runs (`small_sizes`):
 | `km.data.episodes`, `km.data.sinusoid` | `meta_batch_size`: 4, `q_query`: 5 |
 | `km.models.conv4` | `filters`: 8 |
 | `km.callbacks.MetaEvaluation`, `km.callbacks.AdaptationCurve` | `num_episodes`: 4; `max_steps`: 2 |
-| `km.evaluation.evaluate_episodes` | `num_tasks`: 4 |
+| `km.evaluation.evaluate_episodes` | `num_tasks`: 4; `steps`: 2 |
+| every learner's constructor (`km.MAML`, `km.IMAML`, ...) | `inner_steps`: 2, `eval_inner_steps`: 2 |
+| `evaluate_tasks`, `adapt`, `km.export_adaptive` | `steps`: 2 |
+| `km.callbacks.MetaEvaluation` | `inner_steps`: 2 |
+
+A list of step counts (`steps=[0, 1, 10]`) is capped element by element
+(`[0, 1, 2]`) when its values stay distinct, and runs as written otherwise.
 
 Every other argument, and every other function, runs as written. Around the
 caps the harness checks what is cheap to check: `fit` on an infinite dataset
@@ -76,9 +82,15 @@ CAPS = {
     "episodes": {"meta_batch_size": 4, "q_query": 5},
     "sinusoid": {"meta_batch_size": 4, "q_query": 5},
     "conv4": {"filters": 8},
-    "MetaEvaluation": {"num_episodes": 4},
+    "MetaEvaluation": {"num_episodes": 4, "inner_steps": 2},
     "AdaptationCurve": {"num_episodes": 4, "max_steps": 2},
-    "evaluate_episodes": {"num_tasks": 4},
+    "evaluate_episodes": {"num_tasks": 4, "steps": 2},
+    # Inner steps: their loops are unrolled into the traced graphs, so each
+    # step adds tracing time (10-step blocks traced for 10-19 s each).
+    "MetaLearner": {"inner_steps": 2, "eval_inner_steps": 2},
+    "evaluate_tasks": {"steps": 2},
+    "adapt": {"steps": 2},
+    "export_adaptive": {"steps": 2},
 }
 
 OMNIGLOT_ALPHABETS = {
@@ -160,6 +172,22 @@ def is_excluded(block):
 # Small sizes.
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _capped(value, cap):
+    """`min(value, cap)` for an int; element by element for a list of ints
+    whose capped values stay distinct; anything else unchanged."""
+    if _is_int(value):
+        return min(value, cap)
+    if isinstance(value, (list, tuple)) and value and all(_is_int(v) for v in value):
+        capped = [min(v, cap) for v in value]
+        if len(set(capped)) == len(capped):
+            return type(value)(capped)
+    return value
+
+
 def _capping(function, caps, name):
     signature = inspect.signature(function)
 
@@ -168,9 +196,8 @@ def _capping(function, caps, name):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()  # defaults are capped too (conv4's 64 filters, 600 episodes)
         for key, cap in caps.items():
-            value = bound.arguments.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > cap:
-                bound.arguments[key] = cap
+            if key in bound.arguments:
+                bound.arguments[key] = _capped(bound.arguments[key], cap)
         return function(*bound.args, **bound.kwargs)
 
     wrapper.__wrapped_by_docs_harness__ = name
@@ -259,10 +286,21 @@ def small_sizes(monkeypatch):
         capped = _capping(getattr(keras.Model, method), CAPS[method], method)
         monkeypatch.setattr(keras.Model, method, _checked_result(capped, f"{method}()"))
     monkeypatch.setattr(
-        base.MetaLearner,
-        "evaluate_tasks",
-        _checked_result(base.MetaLearner.evaluate_tasks, "evaluate_tasks()"),
+        base.MetaLearner, "__init__",
+        _capping(base.MetaLearner.__init__, CAPS["MetaLearner"], "MetaLearner"),
     )
+    evaluate_tasks = _capping(base.MetaLearner.evaluate_tasks, CAPS["evaluate_tasks"],
+                              "evaluate_tasks")
+    monkeypatch.setattr(
+        base.MetaLearner, "evaluate_tasks", _checked_result(evaluate_tasks, "evaluate_tasks()")
+    )
+    monkeypatch.setattr(
+        base.MetaLearner, "adapt", _capping(base.MetaLearner.adapt, CAPS["adapt"], "adapt")
+    )
+    export_module = sys.modules["keras_meta.export"]
+    export_adaptive = _capping(km.export_adaptive, CAPS["export_adaptive"], "export_adaptive")
+    monkeypatch.setattr(km, "export_adaptive", export_adaptive)
+    monkeypatch.setattr(export_module, "export_adaptive", export_adaptive)
     for name in ("episodes", "sinusoid"):
         monkeypatch.setattr(km.data, name, _capping(getattr(km.data, name), CAPS[name], name))
     monkeypatch.setattr(km.models, "conv4", _capping(km.models.conv4, CAPS["conv4"], "conv4"))

@@ -91,6 +91,13 @@ def test_small_sizes_caps_the_documented_arguments(monkeypatch):
     history = maml.fit(episodes, epochs=5, steps_per_epoch=1000, verbose=0)
     assert len(history.history["loss"]) == 2
     assert km.evaluation.evaluate_episodes(maml, episodes, num_tasks=600)["loss"].shape == (4, 1)
+    ten = km.MAML(km.models.mlp(hidden_units=(4,)), inner_steps=10, eval_inner_steps=10)
+    assert (ten.inner_steps, ten.eval_inner_steps) == (2, 2)
+    ten.compile(optimizer="adam", loss="mse")
+    assert ten.evaluate_tasks(batch, steps=[0, 1, 10])["loss"].shape == (4, 3)
+    assert docs_fixtures._capped([0, 1, 10], 2) == [0, 1, 2]
+    assert docs_fixtures._capped((0, 5, 10), 2) == (0, 5, 10)  # would repeat 2: as written
+    assert docs_fixtures._capped(True, 2) is True
     with pytest.raises(AssertionError, match="without steps_per_epoch never ends"):
         maml.fit(episodes, epochs=1, verbose=0)
     with pytest.raises(AssertionError, match="runs offline"):

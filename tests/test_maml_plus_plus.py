@@ -360,3 +360,34 @@ def test_bad_arguments_are_named():
         km.MAML(helpers.tanh_mlp(), multi_step_loss=True, multi_step_loss_epochs=0)
     with pytest.raises(ValueError, match="`multi_step_loss` must be True or False"):
         km.MAML(helpers.tanh_mlp(), multi_step_loss="yes")
+
+
+@pytest.mark.large
+def test_the_omniglot_comparison_scores_equal_steps_and_equal_time(tmp_path):
+    """examples/maml_plus_plus_omniglot.py --equal_budget at tiny sizes: MAML++
+    first, the others for its time, each scored at its number of meta-steps
+    (a snapshot) and at the end."""
+    import subprocess
+    import sys
+
+    from tests.docs_fixtures import REPO, make_omniglot
+
+    make_omniglot(tmp_path / "omniglot")
+    out = tmp_path / "result.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "maml_plus_plus_omniglot.py"),
+         f"--data_dir={tmp_path / 'omniglot'}", "--n_way=3", "--filters=4", "--meta_batch_size=2",
+         "--q_query=2", "--eval_q_query=2", "--meta_steps=2", "--steps_per_epoch=1",
+         "--learners=maml,maml_pp", "--transductive=true", "--equal_budget", "--clock=cpu",
+         "--maml_pp_steps=2", "--eval_inner_steps=2", "--eval_tasks=4", "--eval_batch_size=2",
+         "--adapt_check_tasks=1", f"--output={out}"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["learner"], r["equal"]) for r in rows] == [
+        ("maml_pp", "meta-steps"), ("maml", "meta-steps"), ("maml", "time")]
+    assert rows[0]["meta_steps"] == rows[1]["meta_steps"] == 2
+    assert rows[2]["meta_steps"] >= 2  # MAML's 1 inner step is cheaper than MAML++'s 2
+    for row in rows:
+        assert len(row["learner_accuracy"]) == len(row["steps"]) == 3  # 0, 1, 2 steps
+        assert all(0 <= a <= 1 for a in row["learner_accuracy"] + row["adapt_accuracy"])
