@@ -167,10 +167,16 @@ class Snapshot(keras.callbacks.Callback):
         super().__init__()
         self.step, self.count, self.weights = step, 0, None
 
+    def on_train_begin(self, logs=None):
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
     def on_train_batch_end(self, batch, logs=None):
         self.count += 1
         if self.count == self.step:
             self.weights = self.model.get_weights()
+            # The time to here, as the run's own rows count it.
+            self.seconds = time.perf_counter() - self.start
+            self.cpu_seconds = time.process_time() - self.cpu_start
 
 
 def score(learner, transductive, eval_episodes, steps):
@@ -226,10 +232,11 @@ def main(_):
             if FLAGS.equal_budget and name == "maml_pp":
                 reference = (cpu_seconds if FLAGS.clock == "cpu" else seconds, timer.steps)
             scored = [("time" if reference is not None and name != "maml_pp" else "meta-steps",
-                       timer.steps, learner.get_weights())]
+                       timer.steps, learner.get_weights(), seconds, cpu_seconds)]
             if snapshot.weights is not None:
-                scored.insert(0, ("meta-steps", snapshot.step, snapshot.weights))
-            for budget, trained, weights in scored:
+                scored.insert(0, ("meta-steps", snapshot.step, snapshot.weights,
+                                  snapshot.seconds, snapshot.cpu_seconds))
+            for budget, trained, weights, seconds, cpu_seconds in scored:
                 learner.set_weights(weights)
                 own, plain, checked = score(learner, transductive, eval_episodes, steps)
                 row = {"learner": name, "transductive_batch_norm": transductive,
@@ -240,8 +247,7 @@ def main(_):
                        "adapt_checked_tasks": checked, "tasks": FLAGS.eval_tasks}
                 report.append(row)
                 print(f"{name} (transductive={transductive}, equal {budget}): {trained} "
-                      f"meta-steps; the run: {timer.steps} in {seconds:.0f} s "
-                      f"({cpu_seconds:.0f} CPU s)", flush=True)
+                      f"meta-steps in {seconds:.0f} s ({cpu_seconds:.0f} CPU s)", flush=True)
                 for label, (mean, interval) in (("learner", own), ("adapt()", plain)):
                     print(f"  {label:8s} " + ", ".join(
                         f"{s} steps {100 * m:.2f} +- {100 * c:.2f}"
