@@ -16,8 +16,8 @@ steps (mean +- 1.96 std / sqrt(n)), twice:
   the support set's statistics. They equal the predictions of the same
   weights under `transductive_batch_norm=False`, which is how they are
   computed for all tasks (batched); the script checks that equality against
-  real `adapt()` models on `--adapt_check_tasks` tasks (exactly equal
-  argmax predictions, or it stops).
+  real `adapt()` models on `--adapt_check_tasks` tasks (the same classes but
+  for near-ties within float32 rounding, or it stops).
 
 Learners (mean cross-entropy inner loss; Adam 1e-3 outer):
 
@@ -145,12 +145,16 @@ def check_adapt(learner, twin, episode, steps):
         adapted = learner.adapt(episode["support_x"][t], episode["support_y"][t], steps=steps)
         plain = adapted.predict(episode["query_x"][t], verbose=0)
         expected = twin_predictions[t * queries:(t + 1) * queries]
-        if not np.array_equal(plain.argmax(-1), expected.argmax(-1)):
-            raise AssertionError(f"adapt() task {t}: predictions differ from the twin's")
         # Float32 rounding of two evaluation orders (one task eagerly, all
         # tasks batched), amplified by 10 inner steps: about 1e-2 relative on
-        # 20-way logits; the classes are the check.
-        np.testing.assert_allclose(plain, expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
+        # 20-way logits. The classes agree but where the twin's two best
+        # logits are that close.
+        tolerance = 2e-2 * np.abs(expected).max()
+        np.testing.assert_allclose(plain, expected, rtol=2e-2, atol=tolerance)
+        rows = np.arange(len(plain))
+        gap = expected[rows, expected.argmax(-1)] - expected[rows, plain.argmax(-1)]
+        if np.any(gap > tolerance):
+            raise AssertionError(f"adapt() task {t}: predictions differ from the twin's")
     return min(FLAGS.adapt_check_tasks, episode["support_x"].shape[0])
 
 
