@@ -14,9 +14,10 @@ with BatchNorm) and returning an uncompiled learner. The harness checks, per
 learner: config round trip, `.keras` save and load (outputs, optimizer state,
 resumed training), the inner loop leaving every variable untouched, finite
 and non-zero meta-gradients, eager == `tf.function` == XLA, a standalone
-adapted model (`.keras`, and a SavedModel served by a process without
-keras_meta), the adapt-at-serving SavedModel (`export_adaptive`) against
-`predict`, and meta-training on the reference conv4 backbone.
+adapted model (`.keras` and SavedModel; one process without keras_meta
+serves the SavedModels of the `thorough` learners), the adapt-at-serving
+SavedModel (`export_adaptive`) against `predict`, and meta-training on the
+reference conv4 backbone.
 
 The helpers are the ones keras_meta's own tests share: small models and
 episodes, central finite differences, the sparse cross-entropy loss, the
@@ -34,6 +35,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_meta as km
 
@@ -270,8 +272,9 @@ class LearnerConformance:
     - `backbone`: the names meta-trained on conv4; default every learner;
     - `thorough`: the names that run the expensive checks (`.keras` round
       trip, eager == function == XLA, the standalone adapted model) in every
-      run; the others' expensive checks carry the `large` mark (a conftest
-      can skip them unless asked). Default every learner.
+      run, and whose adapted SavedModels one process without keras_meta
+      serves; the others' expensive checks carry the `large` mark (a
+      conftest can skip them unless asked). Default every learner.
     """
 
     learners = {}
@@ -379,18 +382,35 @@ class LearnerConformance:
         adapted.save(path)
         reloaded = keras.saving.load_model(path)
         np.testing.assert_allclose(reloaded.predict(query_x, verbose=0), expected, rtol=1e-6, atol=1e-6)
-        # SavedModel served in a fresh process that never imports keras_meta.
+        # A SavedModel (served without keras_meta by the next test).
         export_dir = str(tmp_path / "exported")
         adapted.export(export_dir, verbose=False)
-        np.save(tmp_path / "x.npy", query_x)
+        loaded = tf.saved_model.load(export_dir)  # (held: its functions need its variables)
+        np.testing.assert_allclose(loaded.serve(tf.constant(query_x)), expected,
+                                   rtol=1e-6, atol=1e-6)
+
+    def test_adapted_models_serve_without_keras_meta(self, tmp_path):
+        """`adapt()`'s SavedModels, served in one fresh process that never
+        imports keras_meta: the `thorough` names (default every learner)."""
+        names = sorted(self.learners) if self.thorough is None else [
+            name for name in sorted(self.learners) if name in self.thorough]
+        episode, args = self.episode(), []
+        for name in names:
+            adapted = self.make(name).adapt(episode["support_x"][0], episode["support_y"][0])
+            path = str(tmp_path / name)
+            adapted.export(path, verbose=False)
+            np.save(path + ".want.npy", adapted.predict(episode["query_x"][0], verbose=0))
+            args.append(path)
+        np.save(tmp_path / "x.npy", episode["query_x"][0])
         run_without_keras_meta(
             "import numpy as np, tensorflow as tf\n"
-            f"m = tf.saved_model.load({export_dir!r})\n"
-            f"y = m.serve(tf.constant(np.load({str(tmp_path / 'x.npy')!r})))\n"
-            f"np.save({str(tmp_path / 'y.npy')!r}, y.numpy())\n",
-            timeout=300,
+            f"x = tf.constant(np.load({str(tmp_path / 'x.npy')!r}))\n"
+            "for path in sys.argv[1:]:\n"
+            "    served = tf.saved_model.load(path)\n"
+            "    got = served.serve(x).numpy()\n"
+            "    np.testing.assert_allclose(got, np.load(path + '.want.npy'), rtol=1e-6, atol=1e-6)\n",
+            *args, timeout=300,
         )
-        np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-6, atol=1e-6)
 
     def test_adaptive_savedmodel_matches_learner_predict(self, tmp_path):
         names = sorted(self.learners) if self.serving is None else list(self.serving)

@@ -89,7 +89,8 @@ def test_task_losses_are_computed_in_float32(policy):
     assert float(loss) == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["maml", "anil", pytest.param("fomaml", marks=pytest.mark.large),
+@pytest.mark.parametrize("name", ["maml", pytest.param("anil", marks=pytest.mark.large),
+                                  pytest.param("fomaml", marks=pytest.mark.large),
                                   pytest.param("imaml", marks=pytest.mark.large)])
 def test_bfloat16_conv4_trains_saves_and_exports(name, policy, tmp_path):
     """28x28 inputs: on 8x8 ones (1x1 maps after three strided convolutions)
