@@ -6,6 +6,7 @@ the learner next to its file.
 """
 
 import os
+import sys
 import warnings
 
 import keras
@@ -153,10 +154,18 @@ def test_adapt_and_predict_equals_learner_predict(files, name):
         # Adaptation moved the predictions: the file does adapt.
         before = learners[name].model(episode["query_x"][0], training=False)
         assert np.abs(want - before).max() > 1e-3
+    present, absent = EXPECTED_OPS.get(name, (set(), set()))
+    ops = _ops(paths[name])
+    assert present <= ops and not absent & ops, (name, ops)
 
 
 def test_predict_signature_equals_the_model(files):
     learners, paths = files
+    assert _interpreter(paths["maml_conv4"]).get_signature_list() == {
+        "adapt_and_predict": {"inputs": ["query_x", "support_x", "support_y"],
+                              "outputs": ["predictions"]},
+        "predict": {"inputs": ["x"], "outputs": ["predictions"]},
+    }
     for name in ("maml_conv4", "anil_mlp"):
         query_x = _episode(name, 3)["query_x"][0]
         runner = _interpreter(paths[name]).get_signature_runner("predict")
@@ -171,22 +180,25 @@ def _assert_builtin_ops_only(name, path):
     assert "VAR_HANDLE" not in ops and "READ_VARIABLE" not in ops, (name, ops)
 
 
-def test_files_use_builtin_ops_only(files):
-    """Every file is checked when it is exported (`files`); here the ops
-    that show how each kind of network differentiates."""
-    _, paths = files
-    # MAML's convolution gradients: TRANSPOSE_CONV (input) and patches (filter).
-    assert {"TRANSPOSE_CONV", "PAD", "STRIDED_SLICE", "BATCH_MATMUL"} <= _ops(paths["maml_conv4"])
-    assert {"MAX_POOL_2D", "EQUAL", "LOGICAL_NOT"} <= _ops(
-        paths["maml_conv4_max_pool_support_statistics"])
-    # ANIL never differentiates the body: no convolution gradient at all.
-    assert "TRANSPOSE_CONV" not in _ops(paths["anil_conv4"])
-    runner = _interpreter(paths["maml_conv4"]).get_signature_list()
-    assert runner == {
-        "adapt_and_predict": {"inputs": ["query_x", "support_x", "support_y"],
-                              "outputs": ["predictions"]},
-        "predict": {"inputs": ["x"], "outputs": ["predictions"]},
-    }
+# How each kind of network differentiates, in the ops of its file: MAML's
+# convolution gradients are TRANSPOSE_CONV (input) and patches (filter); ANIL
+# never differentiates the body. {name: (ops it must have, ops it must not)}.
+EXPECTED_OPS = {
+    "maml_conv4": ({"TRANSPOSE_CONV", "PAD", "STRIDED_SLICE", "BATCH_MATMUL"}, set()),
+    "maml_conv4_max_pool_support_statistics": ({"MAX_POOL_2D", "EQUAL", "LOGICAL_NOT"}, set()),
+    "anil_conv4": (set(), {"TRANSPOSE_CONV"}),
+}
+
+
+def test_the_builtin_ops_check_refuses_flex_custom_and_variable_ops(monkeypatch):
+    """The check `files` runs on every file it exports."""
+    module = sys.modules[__name__]
+    for ops in ({"FlexAddV2", "ADD"}, {"CUSTOM"}, {"VAR_HANDLE"}, {"READ_VARIABLE"}):
+        monkeypatch.setattr(module, "_ops", lambda path, ops=ops: ops)
+        with pytest.raises(AssertionError, match=sorted(ops)[0]):
+            _assert_builtin_ops_only("x", "x.tflite")
+    monkeypatch.setattr(module, "_ops", lambda path: {"ADD", "CONV_2D", "TRANSPOSE_CONV"})
+    _assert_builtin_ops_only("x", "x.tflite")
 
 
 def test_runs_in_a_process_without_keras_meta(files, tmp_path):
