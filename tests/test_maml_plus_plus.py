@@ -391,3 +391,31 @@ def test_the_omniglot_comparison_scores_equal_steps_and_equal_time(tmp_path):
     for row in rows:
         assert len(row["learner_accuracy"]) == len(row["steps"]) == 3  # 0, 1, 2 steps
         assert all(0 <= a <= 1 for a in row["learner_accuracy"] + row["adapt_accuracy"])
+
+
+def test_the_tables_script_averages_seeds(tmp_path):
+    """examples/maml_plus_plus_tables.py on two seeds' files: means, intervals, ranges."""
+    import subprocess
+    import sys
+
+    from tests.docs_fixtures import REPO
+
+    def row(learner, equal, steps, cpu, accuracy):
+        return {"learner": learner, "transductive_batch_norm": False, "equal": equal,
+                "meta_steps": steps, "train_cpu_seconds": cpu, "steps": [0, 1, 10],
+                "learner_accuracy": [0.2, accuracy - 0.1, accuracy], "learner_interval": [0.01] * 3,
+                "adapt_accuracy": [0.2, accuracy - 0.1, accuracy], "adapt_interval": [0.01] * 3}
+
+    for seed, accuracy in ((0, 0.60), (1, 0.70)):
+        rows = [row("maml_pp", "meta-steps", 50, 80.0, accuracy),
+                row("maml", "meta-steps", 50, 20.0, accuracy - 0.2),
+                row("maml", "time", 300, 80.0, accuracy + 0.1)]
+        (tmp_path / f"5way_seed{seed}_false.json").write_text(
+            json.dumps({"flags": {"n_way": 5, "seed": seed}, "results": rows}))
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "maml_plus_plus_tables.py"),
+                             str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert ("| MAML++ | support statistics | meta-steps | 0,1 | 50 | 80 | 55.0 ± 1.0 (50.0–60.0) | "
+            "65.0 ± 1.0 (60.0–70.0) | 65.0 ± 1.0 (60.0–70.0) |") in result.stdout
+    assert "| MAML | support statistics | time | 0,1 | 300 | 80 | 65.0 ± 1.0" in result.stdout
+    assert "| MAML | support statistics | meta-steps | 0,1 | 50 | 20 | 35.0 ± 1.0" in result.stdout
