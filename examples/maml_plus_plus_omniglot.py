@@ -183,10 +183,9 @@ class Snapshot(keras.callbacks.Callback):
             self.cpu_seconds = time.process_time() - self.cpu_start
 
 
-def score(learner, transductive, eval_episodes, steps):
+def score(learner, twin, eval_episodes, steps):
     """(learner's accuracy, adapt()'s accuracy, tasks checked against real adapt() models)."""
     own = summary(accuracies(learner, eval_episodes, steps))
-    twin = learner if not transductive else support_statistics_twin(learner)
     checked = check_adapt(learner, twin, eval_episodes[0], FLAGS.eval_inner_steps)
     plain = own if twin is learner else summary(accuracies(twin, eval_episodes, steps))
     return own, plain, checked
@@ -240,18 +239,21 @@ def main(_):
             if snapshot.weights is not None:
                 scored.insert(0, ("meta-steps", snapshot.step, snapshot.weights,
                                   snapshot.seconds, snapshot.cpu_seconds))
-            for budget, trained, weights, seconds, cpu_seconds in scored:
+            # One twin per learner (built and traced once), given each scored weights.
+            twin = learner if not transductive else support_statistics_twin(learner)
+            for budget, trained, weights, at_s, at_cpu_s in scored:
                 learner.set_weights(weights)
-                own, plain, checked = score(learner, transductive, eval_episodes, steps)
+                twin.set_weights(weights)
+                own, plain, checked = score(learner, twin, eval_episodes, steps)
                 row = {"learner": name, "transductive_batch_norm": transductive,
-                       "equal": budget, "meta_steps": trained, "train_seconds": seconds,
-                       "train_cpu_seconds": cpu_seconds, "steps": steps,
+                       "equal": budget, "meta_steps": trained, "train_seconds": at_s,
+                       "train_cpu_seconds": at_cpu_s, "steps": steps,
                        "learner_accuracy": own[0].tolist(), "learner_interval": own[1].tolist(),
                        "adapt_accuracy": plain[0].tolist(), "adapt_interval": plain[1].tolist(),
                        "adapt_checked_tasks": checked, "tasks": FLAGS.eval_tasks}
                 report.append(row)
                 print(f"{name} (transductive={transductive}, equal {budget}): {trained} "
-                      f"meta-steps in {seconds:.0f} s ({cpu_seconds:.0f} CPU s)", flush=True)
+                      f"meta-steps in {at_s:.0f} s ({at_cpu_s:.0f} CPU s)", flush=True)
                 for label, (mean, interval) in (("learner", own), ("adapt()", plain)):
                     print(f"  {label:8s} " + ", ".join(
                         f"{s} steps {100 * m:.2f} +- {100 * c:.2f}"
