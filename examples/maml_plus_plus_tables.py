@@ -1,10 +1,13 @@
 """The tables of docs/maml_plus_plus.md from `maml_plus_plus_omniglot.py --output` files.
 
-    python examples/maml_plus_plus_tables.py runs    # runs/<way>way_seed<seed>_<bn>.json
+    python examples/maml_plus_plus_tables.py runs    # runs/<way>way_seed<seed>[_<bn>].json
 
 Per way, learner, BatchNorm setting and budget (equal meta-steps or equal
 time): the mean over seeds of the 600-task accuracy, +- the mean of the
-seeds' 95% intervals, and (the seeds' range).
+seeds' 95% intervals, and (the seeds' range). Files of one way must come
+from the same settings but for the seed, the learners and the BatchNorm
+setting (the script stops otherwise, rather than average different runs),
+and name each learner, setting, budget and seed once.
 """
 import collections
 import glob
@@ -14,11 +17,31 @@ import sys
 import numpy as np
 
 NAMES = {"maml": "MAML", "meta_sgd": "Meta-SGD", "maml_pp": "MAML++"}
+# Flags that may differ between the files averaged into one table.
+PER_FILE = {"seed", "learners", "transductive", "output", "data_dir"}
+if len(sys.argv) != 2:
+    sys.exit(f"usage: {sys.argv[0]} FOLDER_OF_RESULT_FILES")
+omniglot = sorted(glob.glob(sys.argv[1] + "/*way_seed*.json"))
+if not omniglot and not glob.glob(sys.argv[1] + "/sinusoid_seed*.json"):
+    sys.exit(f"no <way>way_seed<seed>*.json or sinusoid_seed<seed>.json files in {sys.argv[1]!r}")
 rows = collections.defaultdict(list)
-for path in sorted(glob.glob(sys.argv[1] + "/*way_seed*_*.json")):
+settings, origin = {}, {}
+for path in omniglot:
     data = json.load(open(path))
     way, seed = data["flags"]["n_way"], data["flags"]["seed"]
+    shared = {k: v for k, v in data["flags"].items() if k not in PER_FILE}
+    first = settings.setdefault(way, (path, shared))
+    if first[1] != shared:
+        differ = sorted(k for k in set(shared) | set(first[1]) if shared.get(k) != first[1].get(k))
+        sys.exit(f"{path} and {first[0]} ({way}-way) differ in {', '.join(differ)}: "
+                 "put runs of different settings in different folders")
     results = data["results"]
+    for r in results:
+        key = (way, r["learner"], r["transductive_batch_norm"], r["equal"], seed)
+        if key in origin:
+            sys.exit(f"{path} and {origin[key]} both hold {key[1]} "
+                     f"(transductive={key[2]}, equal {key[3]}) of {way}-way seed {seed}")
+        origin[key] = path
     for r in results:
         # Files of runs whose equal-steps snapshot did not keep its own time
         # carry the whole run's there: leave it out.

@@ -419,3 +419,39 @@ def test_the_tables_script_averages_seeds(tmp_path):
             "65.0 ± 1.0 (60.0–70.0) | 65.0 ± 1.0 (60.0–70.0) |") in result.stdout
     assert "| MAML | support statistics | time | 0,1 | 300 | 80 | 65.0 ± 1.0" in result.stdout
     assert "| MAML | support statistics | meta-steps | 0,1 | 50 | 20 | 35.0 ± 1.0" in result.stdout
+
+
+def test_the_tables_script_refuses_to_average_different_runs(tmp_path):
+    """The tables script stops on files of different settings, a repeated run, or no files;
+    it reads files named without the BatchNorm suffix (the papers'-protocol command)."""
+    import subprocess
+    import sys
+
+    from tests.docs_fixtures import REPO
+
+    def tables():
+        return subprocess.run([sys.executable, str(REPO / "examples" / "maml_plus_plus_tables.py"),
+                               str(tmp_path)], capture_output=True, text=True, timeout=60)
+
+    result = tables()
+    assert result.returncode != 0 and "no <way>way_seed<seed>" in result.stderr
+
+    def write(name, seed, rate):
+        row = {"learner": "maml_pp", "transductive_batch_norm": True, "equal": "meta-steps",
+               "meta_steps": 50, "train_cpu_seconds": 40.0, "steps": [0, 1, 10],
+               "learner_accuracy": [0.2, 0.3, 0.4], "learner_interval": [0.01] * 3,
+               "adapt_accuracy": [0.2, 0.3, 0.4], "adapt_interval": [0.01] * 3}
+        flags = {"n_way": 20, "seed": seed, "maml_pp_lr": rate, "transductive": ["true"]}
+        (tmp_path / name).write_text(json.dumps({"flags": flags, "results": [row]}))
+
+    write("20way_seed0.json", 0, 0.1)
+    write("20way_seed1_true.json", 1, 0.1)
+    result = tables()
+    assert result.returncode == 0, result.stderr
+    assert "| MAML++ | transductive | meta-steps | 0,1 | 50 | 40 | 30.0 ± 1.0 (30.0–30.0)" in result.stdout
+    write("20way_seed2_true.json", 2, 0.4)
+    result = tables()
+    assert result.returncode != 0 and "differ in maml_pp_lr" in result.stderr
+    write("20way_seed2_true.json", 1, 0.1)  # seed 1 again, under another name
+    result = tables()
+    assert result.returncode != 0 and "both hold maml_pp" in result.stderr
