@@ -46,12 +46,12 @@ def _mlp():
     return km.models.mlp(hidden_units=(40, 40), seed=0)
 
 
-def _spread_rates(learner, seed=0):
+def _spread_rates(learner, seed=0, low=0.005, high=0.05):
     """Learned rates set to distinct values (as after meta-training), so that a
     file that used the initial rate, or one rate for all, would differ."""
     rng = np.random.default_rng(seed)
     for variable in learner.learned_step_size_rule.variables:
-        variable.assign(rng.uniform(0.005, 0.05, variable.shape).astype("float32"))
+        variable.assign(rng.uniform(low, high, variable.shape).astype("float32"))
     return learner
 
 
@@ -82,6 +82,26 @@ def _learner(name):
         learner = _spread_rates(km.MAML(_mlp(), inner_learning_rate=0.02, inner_steps=2,
                                         eval_inner_steps=3,
                                         learned_inner_learning_rates="per_layer_per_step"))
+    elif name == "maml_pp_conv4":  # LSLR, per-step BatchNorm, multi-step loss; 3 test steps
+        learner = _spread_rates(km.MAML(_conv4(), inner_learning_rate=0.1, inner_steps=2,
+                                        eval_inner_steps=3, multi_step_loss=True,
+                                        learned_inner_learning_rates="per_layer_per_step",
+                                        per_step_batch_norm=True), low=0.1, high=0.5)
+        rates = len(learner.learned_step_size_rule.variables)
+        for i, variable in enumerate(learner.learned_variables[rates:]):
+            # Step 1's BatchNorm scales and offsets unlike step 0's (the model's).
+            variable.assign(variable + np.linspace(-0.3, 0.3, variable.shape[0]) * (-1) ** i)
+    elif name == "reptile_mlp":
+        learner = km.Reptile(_mlp(), inner_learning_rate=0.02, inner_steps=2, eval_inner_steps=3)
+    elif name == "boil_mlp":  # the body adapts, the head stays
+        learner = km.BOIL(_mlp(), inner_learning_rate=0.02, eval_inner_steps=2)
+    elif name == "proto_anil_conv4":  # Proto-MAML's head from the support prototypes
+        learner = km.ANIL(_conv4(), head="head", inner_learning_rate=0.5, eval_inner_steps=2,
+                          head_initialization="prototypes")
+    elif name == "protonet_conv4":  # nothing adapts: the file embeds support and queries
+        conv4 = _conv4()
+        learner = km.ProtoNet(keras.Model(conv4.inputs, conv4.get_layer("flatten").output),
+                              transductive_batch_norm=False)
     else:
         raise KeyError(name)
     learner.compile(optimizer="adam", loss=ce if "conv4" in name else "mse")
@@ -102,7 +122,8 @@ def _shapes(name):
 
 
 FLOAT = ["maml_conv4", "maml_conv4_max_pool_support_statistics", "anil_conv4", "maml_mlp", "anil_mlp",
-         "imaml_mlp_momentum", "meta_sgd_mlp", "lslr_mlp"]
+         "imaml_mlp_momentum", "meta_sgd_mlp", "lslr_mlp", "maml_pp_conv4", "reptile_mlp", "boil_mlp",
+         "proto_anil_conv4", "protonet_conv4"]
 QUANTIZED = {"anil_conv4_16_dynamic_range": ("anil_conv4_16", "dynamic_range"),
              "anil_conv4_16_float16": ("anil_conv4_16", "float16")}
 
@@ -151,6 +172,10 @@ def test_adapt_and_predict_equals_learner_predict(files, name):
         want = learners[name].predict(episode, verbose=0)
         got = _adapt(paths[name], episode)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        if name.startswith("protonet"):
+            # Logits over the task's classes (the model alone gives embeddings).
+            assert got.shape == (episode["query_x"].shape[1], N_WAY)
+            continue
         # Adaptation moved the predictions: the file does adapt.
         before = learners[name].model(episode["query_x"][0], training=False)
         assert np.abs(want - before).max() > 1e-3
