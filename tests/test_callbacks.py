@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import keras_meta as km
 from tests import helpers
-from tests.test_conformance import ALGORITHMS, LEARNERS
+from tests.test_conformance import ALGORITHMS, LATER_ALGORITHMS, LEARNERS
 
 
 _sce = helpers.sparse_ce
@@ -197,7 +197,8 @@ def test_derivative_order_annealing_argument_check():
 
 
 @pytest.mark.parametrize("name", [  # iMAML's vectorized trace is the slowest: large
-    name if name != "imaml" else pytest.param(name, marks=pytest.mark.large) for name in ALGORITHMS])
+    name if name != "imaml" else pytest.param(name, marks=pytest.mark.large) for name in ALGORITHMS]
+    + [pytest.param(name, marks=pytest.mark.large) for name in LATER_ALGORITHMS])
 def test_keras_callbacks_work_with_every_learner(name, tmp_path):
     learner = _learner(name)
     evaluation = km.callbacks.MetaEvaluation(_episodes(100), num_episodes=4, prefix="meta_val")

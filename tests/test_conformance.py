@@ -43,6 +43,8 @@ LEARNERS = {
 # expensive suites (Keras callbacks, Mirrored) run on these; the adapt-at-serving
 # export serves the sequential iMAML entry (its vectorized trace is the slowest).
 ALGORITHMS = ("maml", "fomaml", "anil", "imaml")
+# The learners added on the same hooks: the expensive suites run them under --run-large.
+LATER_ALGORITHMS = ("maml_plus_plus", "reptile", "boil_first_order_support_bn", "protonet")
 
 
 class TestConformance(LearnerConformance):

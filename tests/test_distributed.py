@@ -70,6 +70,9 @@ def _report(result):
     "maml",  # one per algorithm; ANIL's batched tape and iMAML's CG under Mirrored: large
     pytest.param("anil", marks=pytest.mark.large),
     pytest.param("imaml", marks=pytest.mark.large),
+    # The learners added on the same hooks (LSLR + per-step BatchNorm, Reptile, BOIL, ProtoNet).
+    *[pytest.param(name, marks=pytest.mark.large) for name in
+      ("maml_plus_plus", "reptile", "boil_first_order_support_bn", "protonet")],
 ])
 def test_mirrored_step_equals_single_device_step_for_every_learner(name):
     result = subprocess.run([sys.executable, "-c", MIRRORED, name], env=ENV, capture_output=True,
