@@ -37,18 +37,17 @@ for path in omniglot:
                  "put runs of different settings in different folders")
     results = data["results"]
     for r in results:
-        key = (way, r["learner"], r["transductive_batch_norm"], r["equal"], seed)
-        if key in origin:
-            sys.exit(f"{path} and {origin[key]} both hold {key[1]} "
+        key = (way, r["learner"], r["transductive_batch_norm"], r["equal"])
+        if (key, seed) in origin:
+            sys.exit(f"{path} and {origin[key, seed]} both hold {key[1]} "
                      f"(transductive={key[2]}, equal {key[3]}) of {way}-way seed {seed}")
-        origin[key] = path
-    for r in results:
+        origin[key, seed] = path
         # Files of runs whose equal-steps snapshot did not keep its own time
         # carry the whole run's there: leave it out.
         whole = [t for t in results if t["learner"] == r["learner"] and t["equal"] == "time"]
         r = dict(r, cpu=None if r["equal"] == "meta-steps" and whole
                  and whole[0]["train_cpu_seconds"] == r["train_cpu_seconds"] else r["train_cpu_seconds"])
-        rows[(way, r["learner"], r["transductive_batch_norm"], r["equal"])].append((seed, r))
+        rows[key].append((seed, r))
 
 def cpu(rs):
     known = [r["cpu"] for r in rs if r["cpu"] is not None]

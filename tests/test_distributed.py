@@ -10,6 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests.test_conformance import LATER_ALGORITHMS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
 
@@ -71,8 +73,7 @@ def _report(result):
     pytest.param("anil", marks=pytest.mark.large),
     pytest.param("imaml", marks=pytest.mark.large),
     # The learners added on the same hooks (LSLR + per-step BatchNorm, Reptile, BOIL, ProtoNet).
-    *[pytest.param(name, marks=pytest.mark.large) for name in
-      ("maml_plus_plus", "reptile", "boil_first_order_support_bn", "protonet")],
+    *[pytest.param(name, marks=pytest.mark.large) for name in LATER_ALGORITHMS],
 ])
 def test_mirrored_step_equals_single_device_step_for_every_learner(name):
     result = subprocess.run([sys.executable, "-c", MIRRORED, name], env=ENV, capture_output=True,
